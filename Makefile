@@ -1,0 +1,53 @@
+# The README's two commands: `make pipeline` and `make test`. Both create .venv on first use
+# and reuse it afterwards (re-installing only when pyproject.toml or constraints.txt change).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP_QUIET := 2>&1 | grep -v -e 'is ignored: it is neither' -e '^$$' || true
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Telemetry off for every tool, whatever the caller's environment.
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export TORCH_DEVICE_BACKEND_AUTOLOAD := 0
+
+.PHONY: help setup pipeline test test-all ui bench clean-venv
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (set PYTHON=...)"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (first time: a few minutes)"
+	@$(BIN)/python -m pip install -q --upgrade 'pip>=24' $(PIP_QUIET)
+	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
+	@$(BIN)/python -c 'import bit_core, torch, torchvision, dvc, prefect, mlflow, onnxruntime'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with the pinned dependencies
+
+pipeline: setup  ## run the whole pipeline (dvc repro) on the default experiment
+	@$(BIN)/bit run
+
+test: setup  ## run the test suite (all tiers)
+	@$(BIN)/python -m pytest
+
+test-fast: setup  ## run the fast tiers only
+	@$(BIN)/python -m pytest -m 'not slow'
+
+ui: setup  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
+	@$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+bench: setup  ## run the benchmarks under bench/
+	@$(BIN)/python -m bench
+
+clean-venv:  ## remove .venv
+	rm -rf $(VENV)

@@ -1,0 +1,34 @@
+"""bit_core: the BiT library — model, weights, data, BiT-HyperRule, training, export, evaluation.
+
+Pure of the MLOps stack (no DVC, Prefect or MLflow): usable from a notebook as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bit_core.model import ResNetV2, build_model, fold_weight_standardization, list_models
+
+__all__ = ["ResNetV2", "create_model", "fold_weight_standardization", "list_models"]
+
+
+def create_model(name: str, num_classes: int | None = None,
+                 weights: str | Path | None = None) -> ResNetV2:
+    """Build an official BiT variant, optionally with weights.
+
+    Args:
+        name: official variant name, e.g. ``BiT-M-R50x1`` (see :func:`list_models`).
+        num_classes: head size; None keeps the upstream head (1000 for BiT-S, 21843 for BiT-M).
+            A new head is zero-initialised.
+        weights: an official ``.npz`` (head loaded only if the class count matches) or a
+            checkpoint ``.pt`` written by this project.
+    """
+    from bit_core.weights import load_checkpoint_into, load_npz
+
+    model = build_model(name, num_classes)
+    if weights is None:
+        return model
+    if Path(weights).suffix == ".npz":
+        return load_npz(model, Path(weights))
+    load_checkpoint_into(model, Path(weights))
+    return model

@@ -1,0 +1,177 @@
+"""Typed view of params.yaml: one section per pipeline stage, unknown keys and wrong types refused.
+
+params.yaml is the only configuration. Each stage reads its own section; every effective value
+is written there (``null`` means "derive it by the BiT-HyperRule"), so ``dvc params diff`` and the
+MLflow run show what really ran.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is unusable; the one-line message names the key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    """Where images come from and how they are split."""
+
+    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    url: str | None = None  # mirror for downloadable sources
+    archive: str | None = None  # a local copy of the downloadable archive
+    folder: str | None = None  # imagefolder: directory of class sub-folders
+    imagenet_dir: str | None = None  # imagenet: directory holding the ILSVRC2012 archives
+    seed: int = 0
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    shots: int | None = Field(None, ge=1)  # few-shot: examples per class in train
+
+
+class ModelConfig(_Section):
+    """Which BiT variant."""
+
+    name: str = "BiT-M-R50x1"
+
+    @model_validator(mode="after")
+    def _known(self) -> ModelConfig:
+        from bit_core.model import get_variant
+
+        get_variant(self.name)
+        return self
+
+
+class WeightsConfig(_Section):
+    """Pretrained weights: none (train from scratch), official (download), or a local file."""
+
+    source: Literal["none", "official", "file"] = "none"
+    path: str | None = None  # source=file: a local .npz
+    url: str | None = None  # source=official: a mirror instead of the official address
+    sha256: str | None = None  # expected digest, when known
+    cache_dir: str = "~/.cache/bit-pipeline"
+
+    @model_validator(mode="after")
+    def _path_for_file(self) -> WeightsConfig:
+        if self.source == "file" and not self.path:
+            raise ValueError("source 'file' needs weights.path: set it to a local .npz")
+        return self
+
+
+class TrainConfig(_Section):
+    """Fine-tuning; null values follow the BiT-HyperRule."""
+
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    seed: int = 0
+    resolution: int | None = Field(None, ge=8)  # crop size
+    precrop: int | None = Field(None, ge=8)  # resize before the random crop
+    flip: bool = True
+    batch: int = Field(512, ge=1)
+    batch_split: int = Field(1, ge=1)
+    base_lr: float = Field(0.003, gt=0)  # per 512 images; lr = base_lr * batch / 512
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: list[int] | None = None  # step boundaries: warm-up end, decays..., last = stop
+    mixup_alpha: float | None = Field(None, ge=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool | None = None
+    eval_every: int = Field(100, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
+    workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.batch % self.batch_split:
+            raise ValueError(f"batch {self.batch} is not divisible by batch_split "
+                             f"{self.batch_split}: choose a divisor")
+        if self.schedule is not None and (len(self.schedule) < 2 or self.schedule != sorted(
+                set(self.schedule))):
+            raise ValueError("schedule must list at least two increasing step numbers")
+        if self.precrop and self.resolution and self.precrop < self.resolution:
+            raise ValueError("precrop must be at least resolution")
+        return self
+
+
+class ExportConfig(_Section):
+    """ONNX export and its parity check."""
+
+    opset: int = Field(17, ge=13, le=18)  # ATC reads opsets up to 18
+    parity_batches: list[int] = [1, 3, 8]
+    atol: float = Field(1e-4, gt=0)
+    simplify: bool = True
+
+
+class CompileConfig(_Section):
+    """ONNX -> Ascend OM with ATC."""
+
+    soc_version: str | None = None  # e.g. Ascend310P3; null: read from `npu-smi info`
+    batch_sizes: list[int] = [1, 4, 8, 16, 32, 64]
+    dynamic_batch: bool = False
+    atc: str = "atc"  # executable name or path
+
+
+class EvaluateConfig(_Section):
+    """Accuracy and speed of every back-end."""
+
+    batch_sizes: list[int] = [1, 4, 8, 16, 32, 64]
+    warmup: int = Field(2, ge=0)
+    repeats: int = Field(5, ge=1)
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    threads: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(_Section):
+    """MLflow."""
+
+    experiment: str = "bit-pipeline"
+
+
+class Params(_Section):
+    """The whole params.yaml."""
+
+    data: DataConfig
+    model: ModelConfig
+    weights: WeightsConfig
+    train: TrainConfig
+    export: ExportConfig
+    compile: CompileConfig
+    evaluate: EvaluateConfig
+    tracking: TrackingConfig
+
+
+def _first_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind, msg = first["type"], first["msg"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key {key!r}: remove it or fix its spelling"
+    if kind == "missing":
+        return f"{source}: missing section or key {key!r}: add it (see the README)"
+    value = first.get("input")
+    return f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: run from the repository root") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_first_error(err, str(path))) from None

@@ -1,0 +1,341 @@
+"""Resumable, checksum-verified HTTP(S) downloads with a progress bar.
+
+:func:`download` fetches one URL into ``<dest>.part`` next to the destination, resuming with an
+HTTP ``Range`` request when a partial file is already there (from a dropped connection or an
+earlier, interrupted process), verifies the SHA-256 and/or MD5 of the whole file and only then
+renames it to ``dest`` with :func:`os.replace`, so ``dest`` is never seen half-written.
+
+Only ``http://`` and ``https://`` URLs are handled; callers deal with local files themselves.
+Everything is standard library (:mod:`urllib.request`) except the :mod:`rich` progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+__all__ = ["DownloadError", "download", "file_digest"]
+
+# Hashing reads the file in chunks of this many bytes.
+HASH_CHUNK_SIZE = 1 << 20
+# Network reads ask for at most this many bytes at a time (also the progress granularity).
+_READ_SIZE = 1 << 16
+# Pause before retry n (n >= 1) is _RETRY_DELAY_S * 2 ** (n - 1), capped; no pause when the
+# failed attempt had received bytes (the connection was working, resume at once).
+_RETRY_DELAY_S = 0.5
+_RETRY_DELAY_MAX_S = 8.0
+# HTTP statuses worth retrying; every other HTTP error fails at once.
+_RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+_HEX_LENGTHS = {"sha256": 64, "md5": 32}
+_USER_AGENT = "bit-pipeline-download/1"
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECASE)
+
+# A connection that fails, drops or stalls: URLError (connect, DNS), ConnectionResetError,
+# TimeoutError (socket timeout) are OSErrors; IncompleteRead, RemoteDisconnected and
+# BadStatusLine are HTTPExceptions. Only network calls are wrapped, so disk errors propagate.
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
+
+
+class DownloadError(RuntimeError):
+    """A download failed; the message is one line naming the problem and the fix."""
+
+
+class _RetryableError(Exception):
+    """An attempt failed in a way worth retrying, resuming from the bytes on disk."""
+
+
+class _FatalHTTPError(Exception):
+    """The server answered with an HTTP error that retrying will not fix (e.g. 404)."""
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks.
+
+    Args:
+        path: File to hash.
+        algorithm: Any name :func:`hashlib.new` accepts, e.g. ``"sha256"`` or ``"md5"``.
+
+    Returns:
+        The lowercase hexadecimal digest.
+
+    Raises:
+        ValueError: If ``algorithm`` is not supported by :mod:`hashlib`.
+        OSError: If the file cannot be read.
+    """
+    return _file_digests(Path(path), [algorithm])[algorithm]
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    sha256: str | None = None,
+    md5: str | None = None,
+    progress: bool = True,
+    timeout: float = 30.0,
+    retries: int = 3,
+    what: str | None = None,
+) -> Path:
+    """Download ``url`` to ``dest``, resuming partial downloads and verifying checksums.
+
+    The body goes to ``dest.name + ".part"`` in the same directory. If that file already exists
+    the request carries ``Range: bytes=<size>-``: a 206 answer is appended to it, a 200 answer
+    (the server ignored the range) restarts it from zero, and a 416 answer means the partial file
+    is already complete. A connection that fails, drops mid-body (reset, timeout, incomplete
+    read, body shorter than ``Content-Length``) or answers 408/429/5xx is retried up to
+    ``retries`` times, each retry resuming from the bytes already on disk. Once the body is
+    complete the given checksums are computed over the whole file and the file is renamed to
+    ``dest`` with :func:`os.replace`, so ``dest`` never exists half-written.
+
+    If ``dest`` already exists and matches the given checksums (or none is given) it is
+    returned at once, without any network access. If it exists but does not match, it is
+    deleted and downloaded again.
+
+    When the download fails for good, the ``.part`` file is kept so that the next call resumes
+    it, except after a checksum mismatch, which deletes it.
+
+    Args:
+        url: ``http://`` or ``https://`` URL; local paths and ``file://`` URLs are the caller's
+            business.
+        dest: Final path of the file; missing parent directories are created.
+        sha256: Expected SHA-256 of the whole file as hex, or None not to check it.
+        md5: Expected MD5 of the whole file as hex, or None not to check it.
+        progress: Show a :mod:`rich` progress bar on stderr (description, bytes, speed, ETA).
+            Works when the output is not a terminal (the final state is printed once).
+        timeout: Seconds to wait for the connection and for each read.
+        retries: How many times a failed attempt is retried (attempts = ``retries + 1``).
+        what: Description shown on the progress bar; defaults to ``dest.name``.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        DownloadError: The server is unreachable or kept failing after all retries, answered
+            with an HTTP error such as 404, or the checksum does not match. The message names
+            the URL, the reason and where to put a manually downloaded copy.
+        ValueError: ``url`` is not http(s), ``retries`` is negative or a checksum is not a
+            hex digest of the right length.
+        OSError: ``dest`` or the partial file cannot be written.
+    """
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"download() fetches http(s) URLs only, got {url!r}; handle local files yourself")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
+    expected = _expected_digests(sha256=sha256, md5=md5)
+    dest = Path(dest)
+
+    if dest.exists():
+        if not expected or _mismatch(dest, expected) is None:
+            return dest
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+
+    columns = (
+        TextColumn("{task.description}", markup=False),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+        task = bar.add_task(what or dest.name, total=None)
+        _fetch_with_retries(url, dest, part, timeout=timeout, retries=retries, bar=bar, task=task)
+
+    mismatch = _mismatch(part, expected)
+    if mismatch is not None:
+        part.unlink(missing_ok=True)
+        algorithm, want, got = mismatch
+        raise DownloadError(
+            _one_line(
+                f"{algorithm} mismatch for {url}: expected {want}, got {got}. The partial download "
+                f"was deleted; check the URL and the expected {algorithm}, or put a good copy at {dest}."
+            )
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_with_retries(
+    url: str, dest: Path, part: Path, *, timeout: float, retries: int, bar: Progress, task: TaskID
+) -> None:
+    """Run attempts until the partial file is complete, or raise DownloadError."""
+    reason = "unknown error"
+    for attempt in range(retries + 1):
+        before = _size(part)
+        try:
+            _attempt(url, part, timeout=timeout, bar=bar, task=task)
+            return
+        except _FatalHTTPError as exc:
+            raise DownloadError(
+                _one_line(
+                    f"cannot download {url}: {exc}. Check the URL, or download the file elsewhere "
+                    f"and put it at {dest}."
+                )
+            ) from exc
+        except _RetryableError as exc:
+            reason = str(exc)
+            if attempt < retries and _size(part) <= before:
+                time.sleep(min(_RETRY_DELAY_S * 2**attempt, _RETRY_DELAY_MAX_S))
+    attempts = f"{retries + 1} attempt" + ("s" if retries else "")
+    raise DownloadError(
+        _one_line(
+            f"cannot download {url}: {reason} (after {attempts}). Download it elsewhere and put it "
+            f"at {dest} (or set a mirror URL)."
+        )
+    )
+
+
+def _attempt(url: str, part: Path, *, timeout: float, bar: Progress, task: TaskID) -> None:
+    """One request: append to (or restart) the partial file until the body ends.
+
+    Raises:
+        _RetryableError: The connection failed or dropped, or the server is temporarily failing.
+        _FatalHTTPError: The server answered with a non-retryable HTTP error.
+    """
+    offset = _size(part)
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (scheme checked)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            if exc.code == 416 and offset:
+                _, _, total = _parse_content_range(exc.headers.get("Content-Range"))
+                if total is None or total == offset:  # the partial file is already complete
+                    bar.update(task, completed=offset, total=offset)
+                    return
+                part.unlink()
+                raise _RetryableError(f"the server has {total} bytes but {offset} were on disk") from exc
+            if exc.code in _RETRY_STATUSES:
+                raise _RetryableError(f"HTTP {exc.code} {exc.reason}") from exc
+            raise _FatalHTTPError(f"HTTP {exc.code} {exc.reason}") from exc
+    except _NETWORK_ERRORS as exc:
+        raise _RetryableError(_describe(exc)) from exc
+
+    with response:
+        length = _to_int(response.headers.get("Content-Length"))
+        if response.status == 206:
+            start, _, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start is not None and start != offset:
+                part.unlink(missing_ok=True)
+                raise _RetryableError(f"the server resumed at byte {start} instead of {offset}")
+            mode = "ab"
+            if total is None and length is not None:
+                total = offset + length
+        else:  # 200 (or another 2xx): the full body, whatever Range said
+            offset, mode, total = 0, "wb", length
+        end = None if length is None else offset + length
+        bar.update(task, completed=offset, total=total)
+
+        received = offset
+        with part.open(mode) as out:
+            while True:
+                try:
+                    chunk = response.read(_READ_SIZE)
+                except _NETWORK_ERRORS as exc:
+                    raise _RetryableError(_describe(exc)) from exc
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.advance(task, len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    if end is not None and received < end:
+        raise _RetryableError(f"connection closed after {received} of {end} bytes")
+
+
+def _expected_digests(*, sha256: str | None, md5: str | None) -> dict[str, str]:
+    """Normalised {algorithm: hex} of the checksums given, validated for length and alphabet."""
+    expected: dict[str, str] = {}
+    for algorithm, value in (("sha256", sha256), ("md5", md5)):
+        if value is None:
+            continue
+        digest = value.strip().lower()
+        if len(digest) != _HEX_LENGTHS[algorithm] or not re.fullmatch(r"[0-9a-f]+", digest):
+            raise ValueError(f"{algorithm} must be {_HEX_LENGTHS[algorithm]} hex digits, got {value!r}")
+        expected[algorithm] = digest
+    return expected
+
+
+def _mismatch(path: Path, expected: Mapping[str, str]) -> tuple[str, str, str] | None:
+    """First (algorithm, expected, actual) that does not match, or None if all match."""
+    if not expected:
+        return None
+    actual = _file_digests(path, expected)
+    for algorithm, want in expected.items():
+        if actual[algorithm] != want:
+            return algorithm, want, actual[algorithm]
+    return None
+
+
+def _file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of one file for several algorithms, in a single pass of 1 MiB reads."""
+    hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
+    buffer = bytearray(HASH_CHUNK_SIZE)
+    view = memoryview(buffer)
+    with path.open("rb") as file:
+        while n := file.readinto(buffer):
+            for hasher in hashers.values():
+                hasher.update(view[:n])
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:
+    """(first, last, total) of ``bytes first-last/total`` or ``bytes */total``; None if absent."""
+    match = _CONTENT_RANGE.fullmatch(value.strip()) if value else None
+    if match is None:
+        return None, None, None
+    first, last, total = match.groups()
+    return _to_int(first), _to_int(last), _to_int(total)
+
+
+def _to_int(value: str | None) -> int | None:
+    """int(value), or None if it is missing or not a non-negative integer."""
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _size(path: Path) -> int:
+    """Size of ``path`` in bytes, 0 if it does not exist."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _describe(exc: BaseException) -> str:
+    """Short reason for a network error, e.g. ``[Errno 111] Connection refused``."""
+    reason: object = exc
+    if isinstance(exc, urllib.error.URLError):
+        reason = exc.reason
+    text = str(reason).strip()
+    if isinstance(reason, BaseException) and not text:
+        text = type(reason).__name__
+    return text or type(exc).__name__
+
+
+def _one_line(message: str) -> str:
+    """Replace line breaks (e.g. from a server's reason phrase) so the message is one line."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", message)

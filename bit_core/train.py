@@ -1,0 +1,290 @@
+"""Fine-tuning loop: SGD with momentum, BiT-HyperRule schedule, mixup, gradient accumulation.
+
+Every random choice is a pure function of (seed, step): the images of a step, their
+augmentation and the mixup draw. A run resumed from a checkpoint at step k therefore continues
+exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from bit_core.config import TrainConfig
+from bit_core.device import autocast, resolve_precision
+from bit_core.hyperrule import get_lr, get_mixup, get_schedule
+from bit_core.io import atomic_torch_save
+
+StepCallback = Callable[[dict], None]
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The resolved fine-tuning recipe (HyperRule defaults with params.yaml overrides)."""
+
+    schedule: list[int]
+    mixup_alpha: float
+    lr: float  # peak learning rate
+    micro_batch: int
+
+    @property
+    def steps(self) -> int:
+        return self.schedule[-1]
+
+
+def make_plan(cfg: TrainConfig, dataset_size: int) -> Plan:
+    """Resolve schedule, mixup and learning rate for a training set of `dataset_size` images."""
+    schedule = cfg.schedule or get_schedule(dataset_size)
+    mixup = get_mixup(dataset_size) if cfg.mixup_alpha is None else cfg.mixup_alpha
+    return Plan(list(schedule), mixup, cfg.base_lr * cfg.batch / 512, cfg.batch // cfg.batch_split)
+
+
+def _mix_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class _SeededItems(Dataset):
+    """Wraps a dataset so item (index, seed) is transformed under its own RNG seed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+class _StepBatches:
+    """Batch sampler: micro-batches of (index, seed) for steps start..end, shuffled per epoch."""
+
+    def __init__(self, size: int, plan: Plan, batch: int, seed: int, start: int, end: int,
+                 rank: int = 0, world: int = 1):
+        self.size, self.plan, self.batch, self.seed = size, plan, batch, seed
+        self.start, self.end, self.rank, self.world = start, end, rank, world
+
+    def _indices(self, first: int, count: int) -> np.ndarray:
+        """Positions first..first+count of the endless stream of per-epoch permutations."""
+        out = []
+        while count > 0:
+            epoch, offset = divmod(first, self.size)
+            perm = np.random.default_rng(_mix_seed(self.seed, epoch)).permutation(self.size)
+            take = perm[offset:offset + count]
+            out.append(take)
+            first += len(take)
+            count -= len(take)
+        return np.concatenate(out)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro = self.plan.micro_batch // self.world
+        for step in range(self.start, self.end):
+            indices = self._indices(step * self.batch, self.batch)
+            for m in range(self.batch // self.plan.micro_batch):
+                lo = m * self.plan.micro_batch + self.rank * micro
+                yield [(int(i), _mix_seed(self.seed, step, lo + j))
+                       for j, i in enumerate(indices[lo:lo + micro])]
+
+    def __len__(self) -> int:
+        return (self.end - self.start) * (self.batch // self.plan.micro_batch)
+
+
+def mixup_lambda(alpha: float, seed: int, step: int) -> float:
+    """One mixup coefficient per optimizer step (1.0 = no mixing)."""
+    if alpha <= 0:
+        return 1.0
+    return float(np.random.default_rng(_mix_seed(seed, step, 1)).beta(alpha, alpha))
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (restored on exit)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class Trainer:
+    """Fine-tunes `model` on `train_set` following `cfg`.
+
+    Args:
+        model: the network, already on `device`.
+        train_set: a dataset returning (image tensor, label) with the training transform.
+        cfg: the train section of params.yaml.
+        device: where to run.
+        checkpoint_meta: extra self-description stored in every checkpoint (model name, classes).
+        evaluate: called as evaluate(model) -> dict of metrics every cfg.eval_every steps.
+        on_step: called with each step's record (step, loss, lr, images_per_s).
+    """
+
+    model: nn.Module
+    train_set: Dataset
+    cfg: TrainConfig
+    device: torch.device
+    checkpoint_meta: dict = field(default_factory=dict)
+    evaluate: Callable[[nn.Module], dict] | None = None
+    on_step: StepCallback | None = None
+    on_eval: StepCallback | None = None
+    rank: int = 0
+    world: int = 1
+
+    def __post_init__(self):
+        self.plan = make_plan(self.cfg, len(self.train_set))
+        self.precision = resolve_precision(self.cfg.precision, self.device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=self.cfg.momentum,
+                                         weight_decay=self.cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.state = TrainState()
+
+    def state_dict(self) -> dict:
+        """A self-describing checkpoint of the run so far."""
+        model = getattr(self.model, "module", self.model)
+        return {"model": model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "step": self.state.step,
+                "schedule": self.plan.schedule, "history": self.state.history,
+                "evals": self.state.evals, "torch_rng": torch.get_rng_state(),
+                "config": self.cfg.model_dump(), **self.checkpoint_meta}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Restore a checkpoint written by :meth:`state_dict`."""
+        getattr(self.model, "module", self.model).load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        self.state = TrainState(checkpoint["step"], list(checkpoint["history"]),
+                                list(checkpoint["evals"]))
+
+    def save(self, path: Path) -> None:
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), path)
+
+    def _loader(self) -> DataLoader:
+        sampler = _StepBatches(len(self.train_set), self.plan, self.cfg.batch, self.cfg.seed,
+                               self.state.step, self.plan.steps, self.rank, self.world)
+        return DataLoader(_SeededItems(self.train_set), batch_sampler=sampler,
+                          num_workers=self.cfg.workers, persistent_workers=False,
+                          pin_memory=self.device.type == "cuda")
+
+    def _forward_loss(self, images, labels, lam: float, step: int, micro: int) -> torch.Tensor:
+        if lam < 1.0:
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(
+                _mix_seed(self.cfg.seed, step, micro, 2))).to(self.device)
+            images = lam * images + (1 - lam) * images[perm]
+        with autocast(self.device, self.precision):
+            logits = self.model(images)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels[perm])
+        return loss
+
+    def _channels_last(self) -> bool:
+        if self.cfg.channels_last is not None:
+            return self.cfg.channels_last
+        return self.device.type in ("cuda", "npu")
+
+    def fit(self, checkpoint_path: Path | None = None) -> TrainState:
+        """Train from the current state to the end of the schedule; checkpoint along the way."""
+        accumulate = self.cfg.batch // self.plan.micro_batch
+        memory_format = torch.channels_last if self._channels_last() else torch.contiguous_format
+        self.model.to(memory_format=memory_format)
+        self.model.train()
+        micro, loss_sum, tick = 0, 0.0, time.perf_counter()
+        with _StopFlag() as stop:
+            for images, labels in self._loader():
+                step = self.state.step
+                lr = get_lr(step, self.cfg.base_lr, self.cfg.batch, self.plan.schedule)
+                _set_lr(self.optimizer, lr)
+                lam = mixup_lambda(self.plan.mixup_alpha, self.cfg.seed, step)
+                images = images.to(self.device, non_blocking=True, memory_format=memory_format)
+                labels = labels.to(self.device, non_blocking=True)
+                loss = self._forward_loss(images, labels, lam, step, micro) / accumulate
+                self.scaler.scale(loss).backward()
+                loss_sum += loss.item()
+                micro += 1
+                if micro < accumulate:
+                    continue
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                now = time.perf_counter()
+                record = {"step": step + 1, "loss": loss_sum, "lr": lr,
+                          "images_per_s": self.cfg.batch / max(now - tick, 1e-9)}
+                micro, loss_sum, tick = 0, 0.0, now
+                self.state.step = step + 1
+                self.state.history.append(record)
+                if not math.isfinite(record["loss"]):
+                    raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}: lower "
+                                             "base_lr or use fp32")
+                if self.on_step and self.rank == 0:
+                    self.on_step(record)
+                self._maybe_evaluate()
+                self._maybe_checkpoint(checkpoint_path, stop.signal)
+        if checkpoint_path is not None:
+            self.save(checkpoint_path)
+        return self.state
+
+    def _maybe_evaluate(self) -> None:
+        step = self.state.step
+        if self.evaluate is None or (step % self.cfg.eval_every and step != self.plan.steps):
+            return
+        metrics = {"step": step, **self.evaluate(self.model)}
+        self.model.train()
+        self.state.evals.append(metrics)
+        if self.on_eval and self.rank == 0:
+            self.on_eval(metrics)
+
+    def _maybe_checkpoint(self, path: Path | None, stop_signal: int | None) -> None:
+        every = self.cfg.checkpoint_every
+        if path is not None and (stop_signal is not None or (every and self.state.step % every == 0)):
+            self.save(path)
+        if stop_signal is not None:
+            raise Interrupted(f"stopped by signal {stop_signal} at step {self.state.step}; "
+                              f"checkpoint written to {path}")

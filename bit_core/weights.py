@@ -1,0 +1,157 @@
+"""Official BiT checkpoints (`.npz`, TensorFlow layout) and their translation into `ResNetV2`.
+
+The official files hold one array per variable, named like
+``resnet/block1/unit01/a/standardized_conv2d/kernel``; kernels are HWIO, GroupNorm scales and
+offsets are vectors, the head is a 1x1 conv with bias. Files are read with ``allow_pickle=False``:
+an object array in a checkpoint is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bit_core.model import PreActBottleneck, ResNetV2, build_model, get_variant
+
+OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
+PREFIX = "resnet/"
+_CONV = "standardized_conv2d/kernel"
+HEAD_KEYS = (f"{PREFIX}head/conv2d/kernel", f"{PREFIX}head/conv2d/bias")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be used as it is; the message names the problem and the fix."""
+
+
+def official_url(name: str) -> str:
+    """Download address of the official checkpoint for a variant name such as BiT-M-R50x1."""
+    get_variant(name)
+    return OFFICIAL_URL.format(name=name)
+
+
+def _unit_layout(unit: PreActBottleneck, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for letter, conv, norm in (("a", unit.conv1, unit.gn1), ("b", unit.conv2, unit.gn2),
+                               ("c", unit.conv3, unit.gn3)):
+        yield f"{prefix}{letter}/{_CONV}", conv.weight
+        yield f"{prefix}{letter}/group_norm/gamma", norm.weight
+        yield f"{prefix}{letter}/group_norm/beta", norm.bias
+    if unit.downsample is not None:
+        yield f"{prefix}a/proj/{_CONV}", unit.downsample.weight
+
+
+def npz_layout(model: ResNetV2) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> the model parameter it fills, for every parameter of the model."""
+    layout = {f"{PREFIX}root_block/{_CONV}": model.root.conv.weight}
+    for block_name, block in model.body.named_children():
+        for unit_name, unit in block.named_children():
+            layout.update(_unit_layout(unit, f"{PREFIX}{block_name}/{unit_name}/"))
+    layout[f"{PREFIX}group_norm/gamma"] = model.norm.weight
+    layout[f"{PREFIX}group_norm/beta"] = model.norm.bias
+    layout[HEAD_KEYS[0]] = model.fc.weight
+    layout[HEAD_KEYS[1]] = model.fc.bias
+    return layout
+
+
+def to_checkpoint_layout(tensor: torch.Tensor) -> np.ndarray:
+    """Torch layout -> checkpoint layout (OIHW -> HWIO for kernels, vectors unchanged)."""
+    array = tensor.detach().cpu().numpy()
+    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
+
+
+def _to_torch_layout(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(3, 2, 0, 1) if array.ndim == 4
+                                                 else array))
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` file, read without unpickling; one-line errors for bad files."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist: run `bit fetch-weights` or set "
+                           "weights.path in params.yaml")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except ValueError as err:
+        if "pickle" in str(err):
+            raise WeightsError(f"{path} holds a pickled object array; refusing to unpickle it — "
+                               "use an official BiT .npz") from None
+        raise WeightsError(f"{path} is not a valid .npz ({err}); download it again") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise WeightsError(f"{path} is truncated or corrupt ({err}); delete it and download it "
+                           "again") from None
+
+
+def check_arrays(arrays: dict[str, np.ndarray], model: ResNetV2, source: str = "checkpoint"
+                 ) -> bool:
+    """Validate a checkpoint against `model`; return whether its head fits the model's classes.
+
+    Every missing or unexpected key and every shape mismatch is reported in one error. The head
+    may differ in class count only (it is then left out of loading).
+    """
+    layout = npz_layout(model)
+    missing = sorted(set(layout) - set(arrays))
+    unexpected = sorted(set(arrays) - set(layout))
+    mismatched, head_fits = [], True
+    for key, param in layout.items():
+        if key not in arrays:
+            continue
+        shape = tuple(param.shape)
+        want = (shape[2], shape[3], shape[1], shape[0]) if len(shape) == 4 else shape
+        got = tuple(arrays[key].shape)
+        if got == want:
+            continue
+        if key in HEAD_KEYS and got[:-1] == want[:-1]:
+            head_fits = False
+        else:
+            mismatched.append(f"{key} has shape {got}, expected {want}")
+    problems = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected]
+    problems += mismatched
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)"
+                                           if len(problems) > 8 else "")
+        raise WeightsError(f"{source} does not match the model: {shown}")
+    return head_fits
+
+
+@torch.no_grad()
+def load_npz(model: ResNetV2, path: Path) -> ResNetV2:
+    """Load an official `.npz` into `model`, all or nothing.
+
+    The head is copied only when its class count matches; otherwise it is zero-initialised
+    (BiT fine-tunes from a zero head).
+    """
+    arrays = read_npz(path)
+    head_fits = check_arrays(arrays, model, source=str(path))
+    for key, param in npz_layout(model).items():
+        if key in HEAD_KEYS and not head_fits:
+            continue
+        param.copy_(_to_torch_layout(arrays[key]))
+    if not head_fits:
+        model.reset_classifier(model.num_classes)
+    return model
+
+
+def save_npz(model: ResNetV2, path: Path) -> None:
+    """Write `model` in the official checkpoint layout (used for tests and conversions)."""
+    arrays = {key: to_checkpoint_layout(p) for key, p in npz_layout(model).items()}
+    np.savez(path, **arrays)
+
+
+def verify_npz(path: Path, name: str) -> None:
+    """Check a downloaded file by content: readable without pickle and shaped like `name`."""
+    with torch.device("meta"):
+        model = build_model(name)
+    check_arrays(read_npz(path), model, source=f"{path} (for {name})")
+
+
+def load_checkpoint_into(model: nn.Module, path: Path) -> dict:
+    """Load one of our own `.pt` checkpoints (``weights_only=True``) into `model`; return it."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(checkpoint["model"])
+    return checkpoint
