@@ -44,7 +44,7 @@ test-fast: setup  ## run the fast tiers only
 	@$(BIN)/python -m pytest -m 'not slow'
 
 ui: setup  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
-	@$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	@$(BIN)/bit ui
 
 bench: setup  ## run the benchmarks under bench/
 	@$(BIN)/python -m bench

@@ -169,9 +169,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
+    return parse_params(raw, str(path))
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate already-parsed YAML; raise ConfigError naming `source` and the key."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_first_error(err, str(path))) from None
+        raise ConfigError(_first_error(err, source)) from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,28 +26,6 @@ SPLITS = ("train", "val", "test")
 
 class DataError(ValueError):
     """Unusable input data; the message names the file or folder and the fix."""
-
-
-def atomic_dir(final: Path) -> tuple[Path, callable]:
-    """A fresh temporary sibling of `final` and a commit function that swaps it into place."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-
-    def commit() -> None:
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            os.replace(final, old)
-            _rmtree(old)
-        os.replace(tmp, final)
-
-    return tmp, commit
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def materialize_digits(out: Path) -> int:

@@ -234,6 +234,7 @@ class Trainer:
         """Train from the current state to the end of the schedule; checkpoint along the way."""
         accumulate = self.cfg.batch // self.plan.micro_batch
         memory_format = torch.channels_last if self._channels_last() else torch.contiguous_format
+        self._memory_format = memory_format
         self.model.to(memory_format=memory_format)
         self.model.train()
         micro, loss_sum, tick = 0, 0.0, time.perf_counter()
@@ -276,7 +277,7 @@ class Trainer:
         if self.evaluate is None or (step % self.cfg.eval_every and step != self.plan.steps):
             return
         metrics = {"step": step, **self.evaluate(self.model)}
-        self.model.train()
+        self.model.to(memory_format=self._memory_format).train()
         self.state.evals.append(metrics)
         if self.on_eval and self.rank == 0:
             self.on_eval(metrics)

@@ -155,3 +155,26 @@ def load_checkpoint_into(model: nn.Module, path: Path) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["model"])
     return checkpoint
+
+
+def fetch_official(name: str, cache_dir: Path, *, url: str | None = None,
+                   sha256: str | None = None, progress: bool = True) -> Path:
+    """Download (or reuse from `cache_dir`) the official checkpoint of `name`, verified by content.
+
+    Args:
+        name: official variant name.
+        cache_dir: where downloads are kept between runs (resumed if interrupted).
+        url: a mirror instead of the official address.
+        sha256: expected digest, when known; otherwise the content check alone decides.
+    """
+    from bit_core.download import download
+
+    dest = Path(cache_dir).expanduser() / f"{name}.npz"
+    source = url or official_url(name)
+    download(source, dest, sha256=sha256, progress=progress, what=f"{name}.npz")
+    try:
+        verify_npz(dest, name)
+    except WeightsError:
+        dest.unlink(missing_ok=True)
+        raise
+    return dest

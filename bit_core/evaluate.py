@@ -1,0 +1,90 @@
+"""Accuracy (top-1/top-5) and speed (images/s, latency percentiles) of any back-end.
+
+A back-end is just a function from a float32 NCHW batch (numpy) to logits (numpy), so PyTorch,
+ONNX Runtime and an Ascend OM are measured by the same code.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bit_core.device import autocast
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def torch_predictor(model: nn.Module, device: torch.device, precision: str = "fp32",
+                    channels_last: bool = False) -> Predict:
+    """Wrap a model as a numpy -> numpy predictor (eval mode, no grad, optional autocast)."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+
+    @torch.inference_mode()
+    def predict(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).to(device, memory_format=memory_format)
+        with autocast(device, precision):
+            logits = model(x)
+        return logits.float().cpu().numpy()
+
+    return predict
+
+
+def onnx_predictor(session, input_name: str = "image", output_name: str = "logits") -> Predict:
+    """Wrap an ONNX Runtime session as a predictor."""
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        return session.run([output_name], {input_name: batch})[0]
+
+    return predict
+
+
+def predict_all(predict: Predict, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Run a predictor over (images, labels) batches; return (logits, labels)."""
+    logits, labels = [], []
+    for images, targets in batches:
+        logits.append(predict(images.numpy().astype(np.float32, copy=False)))
+        labels.append(targets.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)
+                  ) -> dict[str, float]:
+    """Top-k accuracy in percent for each k (k capped at the number of classes)."""
+    order = np.argsort(-logits, axis=1)
+    result = {}
+    for k in ks:
+        hits = (order[:, :min(k, logits.shape[1])] == labels[:, None]).any(axis=1)
+        result[f"top{k}"] = float(100.0 * hits.mean())
+    return result
+
+
+def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """counts[true, predicted]."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, logits.argmax(axis=1)), 1)
+    return counts
+
+
+def measure_speed(predict: Predict, batch_size: int, resolution: int, *, warmup: int = 2,
+                  repeats: int = 5, seed: int = 0) -> dict[str, float]:
+    """Images/s from the median latency of `repeats` timed batches, after `warmup` untimed ones."""
+    batch = np.random.default_rng(seed).uniform(-1, 1, (batch_size, 3, resolution, resolution))
+    batch = batch.astype(np.float32)
+    for _ in range(warmup):
+        predict(batch)
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        predict(batch)
+        latencies.append(time.perf_counter() - start)
+    p50 = statistics.median(latencies)
+    return {"batch": batch_size, "fps": batch_size / p50, "latency_ms_p50": 1e3 * p50,
+            "latency_ms_p99": 1e3 * float(np.percentile(latencies, 99))}

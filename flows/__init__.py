@@ -1,0 +1,1 @@
+"""Orchestration: the `bit` command, parameter overrides, and the Prefect flow over DVC stages."""

@@ -1,0 +1,135 @@
+"""`bit`: run the pipeline, inspect models and parameters, fetch weights, open the MLflow UI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="bit-pipeline: fine-tune, export, compile and measure BiT (ResNetV2) "
+                  "models with DVC, MLflow and Prefect.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
+SetOption = Annotated[list[str] | None, typer.Option(
+    "--set", "-S", help="override a parameter in params.yaml, e.g. -S train.batch=64 (repeatable)")]
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, **TELEMETRY_OFF}
+
+
+@app.command("models")
+def models() -> None:
+    """List the official BiT variants and their sizes."""
+    import torch
+
+    from bit_core.model import VARIANTS, build_model
+
+    table = Table("name", "blocks", "width", "upstream classes", "params (M)")
+    for name, variant in VARIANTS.items():
+        with torch.device("meta"):
+            count = sum(p.numel() for p in build_model(name).parameters()) / 1e6
+        table.add_row(name, str(list(variant.block_units)), f"x{variant.width_factor}",
+                      str(variant.upstream_classes), f"{count:.2f}")
+    console.print(table)
+
+
+@app.command("params")
+def params(file: Path = typer.Option(Path("params.yaml"), help="parameters file")) -> None:
+    """Validate params.yaml and print every effective value."""
+    from bit_core.config import ConfigError, load_params
+
+    try:
+        loaded = load_params(file)
+    except ConfigError as err:
+        _fail(str(err))
+    console.print_json(json.dumps(loaded.model_dump()))
+
+
+@app.command("fetch-weights")
+def fetch_weights(
+    name: str = typer.Argument(..., help="official variant, e.g. BiT-M-R50x1"),
+    cache_dir: Path = typer.Option(Path("~/.cache/bit-pipeline"), help="download directory"),
+    url: str | None = typer.Option(None, help="mirror URL instead of the official one"),
+) -> None:
+    """Download an official checkpoint (resumable), verify it, and print its path and sha256."""
+    from bit_core.download import DownloadError, file_digest
+    from bit_core.weights import WeightsError, fetch_official
+
+    try:
+        path = fetch_official(name, cache_dir, url=url)
+    except (DownloadError, WeightsError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"{path}  sha256={file_digest(path)}")
+
+
+def _results_summary() -> None:
+    table = Path("reports/eval/fps.md")
+    if table.is_file():
+        console.print(table.read_text())
+    console.print("Results:")
+    for path in ("reports/eval/metrics.json", "reports/eval/fps.md", "reports/eval/fps.png",
+                 "reports/eval/confusion.png", "reports/train/loss.png", "models/onnx/model.onnx",
+                 "models/om/manifest.json"):
+        if Path(path).exists():
+            console.print(f"  {path}")
+    console.print("Compare runs:  make ui   (MLflow UI on http://127.0.0.1:5000)")
+
+
+@app.command("run")
+def run(set_: SetOption = None, force: bool = typer.Option(False, help="re-run every stage")
+        ) -> None:
+    """Run the pipeline with DVC (only what changed), after applying --set overrides."""
+    from bit_core.config import ConfigError
+    from flows.overrides import apply_overrides
+
+    try:
+        apply_overrides(Path("params.yaml"), set_ or [])
+    except ConfigError as err:
+        _fail(str(err))
+    command = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else [])
+    if subprocess.run(command, env=_env()).returncode != 0:
+        _fail("the pipeline failed: see the stage's error above")
+    _results_summary()
+
+
+@app.command("flow")
+def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|cpu|cuda|npu")
+         ) -> None:
+    """Run the bit-finetune Prefect flow here (a temporary local Prefect server if none is set)."""
+    os.environ.update(TELEMETRY_OFF)
+    from flows.pipeline import bit_finetune
+
+    result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))
+    console.print_json(json.dumps(result))
+
+
+@app.command("ui")
+def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
+    """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
+    mlflow = str(Path(sys.executable).with_name("mlflow"))
+    raise typer.Exit(subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host",
+                                     "127.0.0.1", "--port", str(port)], env=_env()).returncode)
+
+
+if __name__ == "__main__":
+    app()

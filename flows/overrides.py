@@ -1,0 +1,51 @@
+"""`key=value` overrides written into params.yaml, as `dvc exp run -S` does, keeping comments.
+
+The file is changed only when the result validates, so a typo never leaves params.yaml broken.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable
+from pathlib import Path
+
+import yaml
+from ruamel.yaml import YAML
+
+from bit_core.config import ConfigError, Params, parse_params
+from bit_core.io import atomic_path
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``train.batch=64`` -> (["train", "batch"], 64); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not key=value (e.g. train.batch=64)")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
+    """Set each ``section.key=value`` in params.yaml; validate; write atomically; return params."""
+    from bit_core.config import load_params
+
+    overrides = list(overrides)
+    path = Path(path)
+    if not overrides:
+        return load_params(path)
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for key in keys[:-1]:
+            if key not in node or not hasattr(node[key], "__setitem__"):
+                raise ConfigError(f"override {text!r}: no section {key!r} in {path}")
+            node = node[key]
+        node[keys[-1]] = value
+    buffer = io.StringIO()
+    rt.dump(doc, buffer)
+    params = parse_params(yaml.safe_load(buffer.getvalue()), str(path))
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue())
+    return params

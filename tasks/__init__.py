@@ -1,0 +1,1 @@
+"""Pipeline stages: one module per dvc.yaml stage, each a worker function plus a small main."""

@@ -1,0 +1,177 @@
+"""Stage evaluate: top-1/top-5 on the test split and images/s per batch size for every back-end."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from bit_core import create_model, fold_weight_standardization
+from bit_core.config import Params
+from bit_core.data import ImageListDataset, eval_transform, read_classes, read_split
+from bit_core.device import resolve_device
+from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,
+                               topk_accuracy, torch_predictor)
+from bit_core.export import ParityError, onnx_session
+from bit_core.io import atomic_write_json, atomic_write_text
+from bit_core.om import read_ais_outputs, run_ais_bench
+from bit_core.plots import plot_confusion, plot_fps
+from tasks import tracking
+from tasks.common import log, stage_main
+from tasks.finetune import CHECKPOINT
+
+TOP1_TOLERANCE_PP = 0.1  # ONNX Runtime must agree with PyTorch fp32 to this many points
+
+
+def fast_precision(device: torch.device) -> str:
+    """The reduced precision used for the fast PyTorch path on this device."""
+    return "bf16" if device.type in ("cpu", "cuda") else "fp16"
+
+
+def _backends(checkpoint: dict, onnx_path: Path, device: torch.device, threads: int | None):
+    """name -> predictor for every back-end available here."""
+    model = create_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    folded = fold_weight_standardization(model.eval())
+    fast = fast_precision(device)
+    return {
+        "torch_fp32": torch_predictor(folded, device),
+        f"torch_{fast}": torch_predictor(fold_weight_standardization(model), device, fast,
+                                         channels_last=True),
+        "onnxruntime": onnx_predictor(onnx_session(onnx_path, threads)),
+    }
+
+
+def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratch: Path
+               ) -> tuple[dict | None, list[dict], str | None]:
+    """Accuracy and speed of the compiled OM models through ais_bench, or why not measured.
+
+    Returns (accuracy or None, speed rows, reason when skipped).
+    """
+    manifest_path = om_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return None, [], f"no OM manifest in {om_dir}: run the compile_om stage"
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("status") != "built":
+        return None, [], manifest.get("reason") or "OM models were not built"
+    if importlib.util.find_spec("ais_bench") is None:
+        return None, [], "ais_bench is not installed: install it from the ais_bench tools on the Ascend host"
+    static = {m["batch"]: om_dir / m["file"] for m in manifest["models"] if m.get("batch")}
+    speed = []
+    for batch, om in sorted(static.items()):
+        bench = run_ais_bench(om, batch=batch, loop=max(cfg.repeats, 10),
+                              output_dir=scratch / f"speed_bs{batch}")
+        speed.append({"backend": "om", "batch": batch, "fps": bench["fps"],
+                      "latency_ms_p50": bench["latency_ms_p50"],
+                      "latency_ms_p99": bench["latency_ms_p99"]})
+    batch = max(static)
+    inputs = scratch / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    padded = -len(images) % batch
+    full = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
+    for i in range(0, len(full), batch):
+        np.save(inputs / f"{i // batch:06d}.npy", full[i:i + batch])
+    run_ais_bench(static[batch], batch=batch, loop=1, output_dir=scratch / "accuracy",
+                  input_path=inputs)
+    logits = np.concatenate(read_ais_outputs(scratch / "accuracy"))[:len(images)]
+    return topk_accuracy(logits, labels), speed, None
+
+
+def markdown_table(accuracy: dict[str, dict], speed: list[dict]) -> str:
+    """Back-end x batch size -> images/s, plus top-1/top-5 per back-end, as markdown."""
+    batches = sorted({row["batch"] for row in speed})
+    header = "| back-end | top-1 % | top-5 % | " + " | ".join(f"bs{b} img/s" for b in batches)
+    lines = [header + " |", "|" + "---|" * (3 + len(batches))]
+    for backend, acc in accuracy.items():
+        fps = {row["batch"]: row["fps"] for row in speed if row["backend"] == backend}
+        cells = [f"{fps[b]:.1f}" if b in fps else "–" for b in batches]
+        lines.append(f"| {backend} | {acc['top1']:.2f} | {acc['top5']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
+             data_root: Path, splits: Path, out: Path) -> dict:
+    """Measure every back-end; write metrics.json, fps.json, fps.md, fps.png, confusion.png."""
+    cfg = params.evaluate
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    checkpoint = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    resolution = checkpoint["resolution"]
+    test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
+                                eval_transform(resolution))
+    loader = DataLoader(test_set, batch_size=64, num_workers=params.train.workers)
+    device = resolve_device(cfg.device)
+    accuracy, speed, logits_by = {}, [], {}
+    for name, predict in _backends(checkpoint, onnx_path, device, cfg.threads).items():
+        logits, labels = predict_all(predict, loader)
+        logits_by[name] = logits
+        accuracy[name] = topk_accuracy(logits, labels)
+        for batch in cfg.batch_sizes:
+            row = measure_speed(predict, batch, resolution, warmup=cfg.warmup,
+                                repeats=cfg.repeats)
+            speed.append({"backend": name, **row})
+        log.info("%s: %s", name, accuracy[name])
+    images = np.concatenate([x.numpy() for x, _ in loader]).astype(np.float32)
+    with tempfile.TemporaryDirectory() as scratch:
+        om_accuracy, om_speed, om_skipped = om_results(om_dir, images, labels, cfg, Path(scratch))
+    if om_accuracy:
+        accuracy["om"] = om_accuracy
+    speed += om_speed
+    if om_skipped:
+        log.info("OM not evaluated: %s", om_skipped)
+    delta = abs(accuracy["onnxruntime"]["top1"] - accuracy["torch_fp32"]["top1"])
+    if delta > TOP1_TOLERANCE_PP:
+        raise ParityError(f"ONNX Runtime top-1 differs from PyTorch fp32 by {delta:.2f} points "
+                          f"(> {TOP1_TOLERANCE_PP}): re-run the export stage and inspect it")
+    classes = read_classes(splits)
+    metrics = {"test_images": len(test_set), "resolution": resolution,
+               "om_skipped": om_skipped or "",
+               **{f"{b}_{k}": v for b, acc in accuracy.items() for k, v in acc.items()},
+               **{f"{r['backend']}_fps_bs{r['batch']}": round(r["fps"], 2) for r in speed}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "fps.json", speed)
+    table = markdown_table(accuracy, speed)
+    atomic_write_text(out / "fps.md", table)
+    plot_fps(speed, out / "fps.png")
+    plot_confusion(confusion_matrix(logits_by["torch_fp32"], labels, len(classes)), classes,
+                   out / "confusion.png")
+    with tracking.appended_run(checkpoint_dir) as mlflow:
+        if mlflow:
+            mlflow.log_metrics({f"test_{k}" if "top" in k else k: float(v)
+                                for k, v in metrics.items() if not isinstance(v, str)})
+            for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
+                mlflow.log_artifact(str(out / name), "evaluation")
+    print(table)
+    return metrics
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="finetune output dir")
+    parser.add_argument("--onnx", type=Path, required=True, help="exported model.onnx")
+    parser.add_argument("--om", type=Path, required=True, help="compile_om output dir")
+    parser.add_argument("--data", type=Path, required=True, help="class-folder root")
+    parser.add_argument("--splits", type=Path, required=True, help="prepare output dir")
+    parser.add_argument("--out", type=Path, required=True, help="directory for the reports")
+
+
+def _run(args: argparse.Namespace, params: Params) -> None:
+    """Evaluate PyTorch and ONNX Runtime: accuracy and throughput."""
+    metrics = evaluate(params, args.checkpoint, args.onnx, args.om, args.data, args.splits,
+                       args.out)
+    log.info("wrote %s", json.dumps({k: v for k, v in metrics.items() if "top" in k}))
+
+
+def main(argv=None) -> int:
+    return stage_main("evaluate", _args, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Stage export: the fine-tuned checkpoint as ONNX (weight standardisation folded), parity-checked."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from bit_core import create_model
+from bit_core.config import Params
+from bit_core.data import ImageListDataset, eval_transform, read_split
+from bit_core.export import check_parity, export_onnx, op_types
+from bit_core.io import atomic_write_json
+from tasks import tracking
+from tasks.common import log, stage_main
+from tasks.finetune import CHECKPOINT
+
+MODEL_FILE = "model.onnx"
+
+
+def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8) -> torch.Tensor:
+    """The first `count` test images, preprocessed as for evaluation."""
+    samples = read_split(splits / "test.csv")[:count]
+    dataset = ImageListDataset(data_root, samples, eval_transform(resolution))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]) if samples else None
+
+
+def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, out: Path,
+           report: Path) -> dict:
+    """Export, then fail unless ONNX Runtime matches PyTorch within export.atol."""
+    cfg = params.export
+    checkpoint = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    model = create_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    resolution = checkpoint["resolution"]
+    path = export_onnx(model, out / MODEL_FILE, resolution=resolution, opset=cfg.opset,
+                       simplify=cfg.simplify)
+    parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
+                          atol=cfg.atol, real_images=real_batch(data_root, splits, resolution))
+    result = {"opset": cfg.opset, "resolution": resolution, "onnx_bytes": path.stat().st_size,
+              "op_types": sorted(op_types(path)), **parity}
+    atomic_write_json(report, result)
+    with tracking.appended_run(checkpoint_dir) as mlflow:
+        if mlflow:
+            mlflow.log_metric("onnx_max_abs_diff", parity["max_abs_diff"])
+            mlflow.log_artifact(str(path), "onnx")
+    return result
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="finetune output dir")
+    parser.add_argument("--data", type=Path, required=True, help="class-folder root")
+    parser.add_argument("--splits", type=Path, required=True, help="prepare output dir")
+    parser.add_argument("--out", type=Path, required=True, help="directory for model.onnx")
+    parser.add_argument("--report", type=Path, required=True, help="export metrics JSON")
+
+
+def _run(args: argparse.Namespace, params: Params) -> None:
+    """Export to ONNX and check parity on ONNX Runtime."""
+    result = export(params, args.checkpoint, args.data, args.splits, args.out, args.report)
+    log.info("exported %s: max |onnx - torch| = %.2e", args.out / MODEL_FILE,
+             result["max_abs_diff"])
+
+
+def main(argv=None) -> int:
+    return stage_main("export", _args, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

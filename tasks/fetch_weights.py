@@ -1,0 +1,61 @@
+"""Stage fetch_weights: resolve the configured pretrained weights and record what was used."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+from bit_core.config import Params
+from bit_core.download import file_digest
+from bit_core.io import atomic_dir, atomic_write_json
+from bit_core.weights import fetch_official, official_url, verify_npz
+from tasks.common import log, stage_main
+
+WEIGHTS_FILE, SOURCE_FILE = "weights.npz", "source.json"
+
+
+def _place(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # same file system: no copy of a possibly multi-GB file
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
+    """Put the weights named by params into `out/weights.npz` (or none) and describe them."""
+    cfg, name = params.weights, params.model.name
+    record = {"source": cfg.source, "model": name}
+    with atomic_dir(out) as tmp:
+        if cfg.source != "none":
+            if cfg.source == "official":
+                src = fetch_official(name, Path(cfg.cache_dir), url=cfg.url, sha256=cfg.sha256,
+                                     progress=progress)
+                record["url"] = cfg.url or official_url(name)
+            else:
+                src = Path(cfg.path).expanduser()
+                verify_npz(src, name)
+                record["path"] = str(src)
+            _place(src, tmp / WEIGHTS_FILE)
+            record["sha256"] = file_digest(tmp / WEIGHTS_FILE)
+        atomic_write_json(tmp / SOURCE_FILE, record)
+    return record
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, help="directory for weights.npz")
+
+
+def _run(args: argparse.Namespace, params: Params) -> None:
+    """Resolve weights: none, the official checkpoint, or a local file."""
+    record = fetch_weights(params, args.out)
+    log.info("weights: %s", record)
+
+
+def main(argv=None) -> int:
+    return stage_main("fetch_weights", _args, _run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
