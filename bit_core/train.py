@@ -205,9 +205,9 @@ class Trainer:
         if self.rank == 0:
             atomic_torch_save(self.state_dict(), path)
 
-    def _loader(self) -> DataLoader:
+    def _loader(self, until: int) -> DataLoader:
         sampler = _StepBatches(len(self.train_set), self.plan, self.cfg.batch, self.cfg.seed,
-                               self.state.step, self.plan.steps, self.rank, self.world)
+                               self.state.step, until, self.rank, self.world)
         return DataLoader(_SeededItems(self.train_set), batch_sampler=sampler,
                           num_workers=self.cfg.workers, persistent_workers=False,
                           pin_memory=self.device.type == "cuda")
@@ -230,8 +230,12 @@ class Trainer:
             return self.cfg.channels_last
         return self.device.type in ("cuda", "npu")
 
-    def fit(self, checkpoint_path: Path | None = None) -> TrainState:
-        """Train from the current state to the end of the schedule; checkpoint along the way."""
+    def fit(self, checkpoint_path: Path | None = None, until: int | None = None) -> TrainState:
+        """Train from the current state to step `until` (default: the end of the schedule).
+
+        Checkpoints every cfg.checkpoint_every steps, on SIGINT/SIGTERM, and at the end.
+        """
+        until = self.plan.steps if until is None else min(until, self.plan.steps)
         accumulate = self.cfg.batch // self.plan.micro_batch
         memory_format = torch.channels_last if self._channels_last() else torch.contiguous_format
         self._memory_format = memory_format
@@ -239,7 +243,7 @@ class Trainer:
         self.model.train()
         micro, loss_sum, tick = 0, 0.0, time.perf_counter()
         with _StopFlag() as stop:
-            for images, labels in self._loader():
+            for images, labels in self._loader(until):
                 step = self.state.step
                 lr = get_lr(step, self.cfg.base_lr, self.cfg.batch, self.plan.schedule)
                 _set_lr(self.optimizer, lr)

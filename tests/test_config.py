@@ -1,0 +1,71 @@
+"""params.yaml validation: the repo's file is valid; typos, wrong types, missing sections are clear."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bit_core.config import ConfigError, load_params
+from flows.overrides import apply_overrides
+
+
+@pytest.fixture
+def params_file(tmp_path, repo_root):
+    path = tmp_path / "params.yaml"
+    path.write_text((repo_root / "params.yaml").read_text())
+    return path
+
+
+def _edit(path, edit):
+    data = yaml.safe_load(path.read_text())
+    edit(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repo_params_are_valid(repo_root):
+    params = load_params(repo_root / "params.yaml")
+    assert params.data.source == "digits" and params.weights.source == "none"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["train"].__setitem__("batchsize", 8), r"unknown key 'train.batchsize'"),
+    (lambda d: d["train"].__setitem__("batch", "many"), r"train.batch = 'many'"),
+    (lambda d: d.pop("export"), r"missing section or key 'export'"),
+    (lambda d: d["model"].__setitem__("name", "BiT-M-R51x1"), r"unknown model 'BiT-M-R51x1'"),
+    (lambda d: d["train"].__setitem__("batch_split", 5), r"not divisible by batch_split"),
+    (lambda d: d["weights"].__setitem__("source", "file"), r"needs weights.path"),
+    (lambda d: d["data"].__setitem__("source", "mnist"), r"data.source = 'mnist'"),
+])
+def test_bad_params_one_line_naming_the_key(params_file, edit, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_params(_edit(params_file, edit))
+    assert "\n" not in str(err.value)
+    assert str(params_file) in str(err.value)
+
+
+def test_broken_yaml(params_file):
+    params_file.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_params(params_file)
+
+
+def test_overrides_keep_comments_and_validate(params_file):
+    params = apply_overrides(params_file, ["train.batch=64", "evaluate.batch_sizes=[1, 2]"])
+    assert params.train.batch == 64 and params.evaluate.batch_sizes == [1, 2]
+    text = params_file.read_text()
+    assert "# The only configuration of the pipeline." in text
+    assert load_params(params_file).train.batch == 64
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batchsize=3", "unknown key 'train.batchsize'"),
+    ("train.batch=abc", "train.batch = 'abc'"),
+    ("nosection.key=1", "no section 'nosection'"),
+    ("train.batch", "not key=value"),
+])
+def test_bad_override_leaves_file_untouched(params_file, override, message):
+    before = params_file.read_text()
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(params_file, [override])
+    assert params_file.read_text() == before

@@ -1,0 +1,127 @@
+"""Integration tier: `dvc repro` in a fresh copy of the repository, then the Prefect flow on it.
+
+Tiny training settings keep it to about a minute per pipeline; the default experiment's own
+numbers are what `make pipeline` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.overrides import apply_overrides
+from tests.test_stages import TINY
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+STAGES = ["fetch_data", "prepare", "fetch_weights", "finetune", "export_onnx", "compile_om",
+          "evaluate"]
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, repo_root):
+    """The repository's tracked and unignored files, as a new git repo with one commit."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
+                           check=True, capture_output=True, text=True).stdout.split()
+    repo = tmp_path_factory.mktemp("clone")
+    for name in files:
+        if (repo_root / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo_root / name, repo / name)
+    apply_overrides(repo / "params.yaml", TINY)
+    _git(repo, "init", "-q", "-b", "main")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
+    return repo
+
+
+def _env(repo: Path) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("BIT_PARAMS", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=_env(repo), capture_output=True,
+                          text=True, timeout=900)
+
+
+def _ran(output: str) -> list[str]:
+    return [s for s in STAGES if f"Running stage '{s}'" in output]
+
+
+@pytest.fixture(scope="module")
+def first_repro(clone):
+    result = _dvc(clone, "repro")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_repro_runs_every_stage(clone, first_repro):
+    assert _ran(first_repro.stdout) == STAGES
+    metrics = json.loads(_dvc(clone, "metrics", "show", "--json").stdout)
+    flat = json.dumps(metrics)
+    for key in ("val_top1", "max_abs_diff", "onnxruntime_top1", "torch_fp32_fps_bs1"):
+        assert key in flat
+
+
+def test_second_repro_is_a_no_op(clone, first_repro):
+    start = time.perf_counter()
+    result = _dvc(clone, "repro")
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0 and _ran(result.stdout) == []
+    assert "up to date" in result.stdout
+    print(f"no-op dvc repro: {seconds:.2f} s")
+
+
+def test_mlflow_run_is_complete(clone, first_repro):
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((clone / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {"val_top1", "onnx_max_abs_diff", "test_onnxruntime_top1"} <= set(run.data.metrics)
+    lock_hashes = [k for k in run.data.tags if k.startswith("dvc.prepare.")]
+    assert lock_hashes, run.data.tags
+
+
+def test_train_param_change_skips_data_stages(clone, first_repro):
+    apply_overrides(clone / "params.yaml", ["train.seed=7"])
+    result = _dvc(clone, "repro")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _ran(result.stdout) == ["finetune", "export_onnx", "compile_om", "evaluate"]
+
+
+def test_plots_show_renders(clone, first_repro):
+    result = _dvc(clone, "plots", "show", "--json")
+    assert result.returncode == 0 and "reports/train/loss.csv" in result.stdout
+
+
+def test_prefect_flow_runs_stages_in_order(clone, first_repro, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import bit_finetune
+
+    for key, value in _env(clone).items():
+        monkeypatch.setenv(key, value)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = bit_finetune(overrides=["train.seed=11"], device="cpu", repo=str(clone))
+    ran = {r["stage"]: r["ran"] for r in result["stages"]}
+    assert list(ran) == STAGES
+    assert not ran["fetch_data"] and not ran["prepare"]
+    assert ran["finetune"] and ran["evaluate"]
+    assert "seed: 11" in (clone / "params.yaml").read_text()
+    assert result["mlflow_run_id"]

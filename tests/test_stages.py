@@ -1,0 +1,150 @@
+"""Each stage's main on the embedded data in a temporary directory, chained as DVC would run them.
+
+Tiny settings (2 training steps at 16 px) keep this tier fast; what is checked is that every
+declared output exists and holds what it claims, and that the MLflow run collects all stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flows.overrides import apply_overrides
+
+TINY = ["train.resolution=16", "train.precrop=20", "train.batch=8", "train.schedule=[1, 2]",
+        "train.eval_every=1", "evaluate.batch_sizes=[1, 2]", "evaluate.repeats=1",
+        "evaluate.warmup=0", "export.parity_batches=[1, 3]", "compile.batch_sizes=[1, 4]"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, repo_root):
+    work = tmp_path_factory.mktemp("stages")
+    (work / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    apply_overrides(work / "params.yaml", TINY)
+    old = Path.cwd()
+    env = {"BIT_PARAMS": str(work / "params.yaml"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    os.chdir(work)
+    yield work
+    os.chdir(old)
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+def _stage(module: str, *args: str) -> int:
+    import importlib
+
+    return importlib.import_module(f"tasks.{module}").main(list(args))
+
+
+@pytest.fixture(scope="module")
+def pipeline(workdir):
+    """Run every stage once, in order, as dvc.yaml does (with the same arguments)."""
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    codes = {}
+    for name, stage in stages.items():
+        argv = stage["cmd"].split()
+        assert argv[:2] == ["python", "-m"]
+        codes[name] = _stage(argv[2].removeprefix("tasks."), *argv[3:])
+    return workdir, codes
+
+
+def test_every_stage_succeeds(pipeline):
+    assert all(code == 0 for code in pipeline[1].values()), pipeline[1]
+
+
+def test_fetch_data_writes_class_folders(pipeline):
+    raw = pipeline[0] / "data/raw"
+    assert sorted(p.name for p in raw.iterdir()) == [str(i) for i in range(10)]
+    assert sum(1 for _ in raw.rglob("*.png")) == 1797
+
+
+def test_prepare_splits_are_stratified_and_disjoint(pipeline):
+    prepared = pipeline[0] / "data/prepared"
+    splits = {name: (prepared / f"{name}.csv").read_text().splitlines()[1:]
+              for name in ("train", "val", "test")}
+    paths = [set(line.split(",")[0] for line in lines) for lines in splits.values()]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    assert sum(map(len, paths)) == 1797
+    stats = json.loads((prepared / "stats.json").read_text())
+    assert stats["classes"] == 10 and stats["test_images"] == len(splits["test"])
+    for lines in splits.values():  # every class in every split
+        assert {line.split(",")[1] for line in lines} == {str(i) for i in range(10)}
+
+
+def test_fetch_weights_records_source(pipeline):
+    record = json.loads((pipeline[0] / "models/pretrained/source.json").read_text())
+    assert record == {"source": "none", "model": "BiT-M-R50x1"}
+
+
+def test_finetune_outputs(pipeline):
+    work = pipeline[0]
+    checkpoint = torch.load(work / "models/finetuned/checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["model_name"] == "BiT-M-R50x1"
+    assert checkpoint["classes"] == [str(i) for i in range(10)] and checkpoint["resolution"] == 16
+    rows = (work / "reports/train/loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,images_per_s" and len(rows) == 3
+    assert (work / "reports/train/loss.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((work / "reports/train/metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["val_top1"] <= 100
+
+
+def test_export_parity_recorded(pipeline):
+    report = json.loads((pipeline[0] / "reports/export.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 and report["opset"] == 17
+    assert "max_abs_diff_real_bs3" in report and "ReduceMean" not in report["op_types"]
+
+
+def test_compile_om_skipped_without_atc(pipeline):
+    manifest = json.loads((pipeline[0] / "models/om/manifest.json").read_text())
+    assert manifest["status"] == "skipped" and "atc" in manifest["reason"]
+    assert len(manifest["commands"]) == 2
+
+
+def test_evaluate_reports(pipeline):
+    out = pipeline[0] / "reports/eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for backend in ("torch_fp32", "torch_bf16", "onnxruntime"):
+        assert 0 <= metrics[f"{backend}_top1"] <= metrics[f"{backend}_top5"] <= 100
+        assert metrics[f"{backend}_fps_bs1"] > 0 and metrics[f"{backend}_fps_bs2"] > 0
+    assert abs(metrics["onnxruntime_top1"] - metrics["torch_fp32_top1"]) <= 0.1
+    table = (out / "fps.md").read_text()
+    assert "| onnxruntime |" in table and "bs2 img/s" in table
+    for png in ("fps.png", "confusion.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_mlflow_run_holds_every_stage(pipeline):
+    from mlflow.tracking import MlflowClient
+
+    work = pipeline[0]
+    run_id = json.loads((work / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.data.params["train.batch"] == "8" and run.data.params["plan.schedule"] == "[1, 2]"
+    assert "onnx_max_abs_diff" in run.data.metrics and "test_onnxruntime_top1" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
+    assert run.data.tags["git.commit"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"plots", "onnx", "evaluation"} <= artifacts
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_bad_params_stop_a_stage_with_one_line(workdir, capsys, tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text((workdir / "params.yaml").read_text().replace("batch: 8", "batch: eight"))
+    os.environ["BIT_PARAMS"] = str(bad)
+    try:
+        code = _stage("prepare", "--raw", "data/raw", "--out", str(tmp_path / "prepared"))
+    finally:
+        os.environ["BIT_PARAMS"] = str(workdir / "params.yaml")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "train.batch = 'eight'" in err
+    assert not (tmp_path / "prepared").exists()
