@@ -29,6 +29,35 @@ class ParityError(AssertionError):
     """ONNX Runtime does not reproduce PyTorch's logits within tolerance."""
 
 
+class ConcatZeroPad(nn.Module):
+    """Zero padding written as concatenation, so no graph optimiser can fold it into MaxPool.
+
+    BiT pads the stem with zeros before a max-pool without padding. An ONNX ``Pad`` followed by
+    ``MaxPool`` gets fused by ONNX Runtime's optimiser into a padded MaxPool, which pads with
+    -inf, not zero: logits then differ by ~1e-2. Concatenated zeros mean the same and are kept.
+    """
+
+    def __init__(self, padding: int):
+        super().__init__()
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.padding
+        rows = torch.zeros_like(x[:, :, :p, :])
+        x = torch.cat([rows, x, rows], dim=2)
+        cols = torch.zeros_like(x[:, :, :, :p])
+        return torch.cat([cols, x, cols], dim=3)
+
+
+def prepare_for_export(model: nn.Module) -> nn.Module:
+    """A float32 CPU eval copy with weight standardisation folded and the stem pad made explicit."""
+    folded = fold_weight_standardization(model).float().cpu().eval()
+    pad = getattr(getattr(folded, "root", None), "pad", None)
+    if isinstance(pad, nn.ConstantPad2d) and pad.value == 0 and len(set(pad.padding)) == 1:
+        folded.root.pad = ConcatZeroPad(pad.padding[0])
+    return folded.to(memory_format=torch.contiguous_format)
+
+
 def _torch_export(model: nn.Module, path: Path, resolution: int, opset: int) -> None:
     dummy = torch.zeros(2, 3, resolution, resolution)
     with warnings.catch_warnings():
@@ -64,11 +93,9 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, opset: int = 1
         opset: ONNX opset; ATC reads up to 18.
         simplify: run onnxslim (constant folding, dead-node removal).
     """
-    folded = fold_weight_standardization(model).float().cpu().eval()
-    folded.to(memory_format=torch.contiguous_format)
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "raw.onnx"
-        _torch_export(folded, raw, resolution, opset)
+        _torch_export(prepare_for_export(model), raw, resolution, opset)
         proto = onnx.load(str(raw))
     if simplify:
         import onnxslim

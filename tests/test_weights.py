@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bit_core import create_model
+from tests.http_fixtures import http_server  # noqa: F401 - fixture
 from bit_core.model import build_model
 from bit_core.weights import (WeightsError, load_npz, npz_layout, official_url, read_npz,
                               save_npz, verify_npz)
@@ -128,3 +129,35 @@ def test_official_url():
     assert official_url("BiT-M-R50x1") == "https://storage.googleapis.com/bit_models/BiT-M-R50x1.npz"
     with pytest.raises(ValueError):
         official_url("ResNet50")
+
+
+def test_fetch_official_from_mirror_resumes_and_verifies(official, tmp_path, http_server):
+    from bit_core.weights import fetch_official
+
+    data = official[0].read_bytes()
+    url = http_server.add(f"/bit_models/{NAME}.npz", data, drop_after=len(data) // 3)
+    path = fetch_official(NAME, tmp_path / "cache", url=url, progress=False)
+    assert path == tmp_path / "cache" / f"{NAME}.npz" and path.read_bytes() == data
+    assert http_server.ranges(f"/bit_models/{NAME}.npz")[-1] == f"bytes={len(data) // 3}-"
+
+
+def test_fetch_official_rejects_wrong_content(official, tmp_path, http_server):
+    from bit_core.weights import fetch_official
+
+    url = http_server.add("/bit_models/BiT-S-R101x1.npz", official[0].read_bytes())
+    with pytest.raises(WeightsError, match="BiT-S-R101x1"):
+        fetch_official("BiT-S-R101x1", tmp_path, url=url, progress=False)
+    assert not (tmp_path / "BiT-S-R101x1.npz").exists()
+
+
+def test_fetch_official_offline_says_where_to_put_it(tmp_path):
+    import socket
+
+    from bit_core.download import DownloadError
+    from bit_core.weights import fetch_official
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DownloadError, match=str(tmp_path / f"{NAME}.npz")):
+        fetch_official(NAME, tmp_path, url=f"http://127.0.0.1:{port}/{NAME}.npz", progress=False)
