@@ -85,6 +85,7 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
     workers: int = Field(0, ge=0)
+    processes: int = Field(1, ge=1)  # data-parallel processes on this host (torchrun + DDP)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

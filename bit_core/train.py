@@ -7,6 +7,7 @@ exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
@@ -177,6 +178,9 @@ class Trainer:
 
     def __post_init__(self):
         self.plan = make_plan(self.cfg, len(self.train_set))
+        if self.plan.micro_batch % self.world:
+            raise ValueError(f"micro-batch {self.plan.micro_batch} (batch / batch_split) is not "
+                             f"divisible by {self.world} processes: change train.batch")
         self.precision = resolve_precision(self.cfg.precision, self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=self.cfg.momentum,
                                          weight_decay=self.cfg.weight_decay)
@@ -225,6 +229,19 @@ class Trainer:
             loss = lam * loss + (1 - lam) * F.cross_entropy(logits, labels[perm])
         return loss
 
+    def _mean_across_processes(self, value: float) -> float:
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world
+
+    def _maybe_no_sync(self, last_micro_batch: bool):
+        """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+        if last_micro_batch or not hasattr(self.model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
     def _channels_last(self) -> bool:
         if self.cfg.channels_last is not None:
             return self.cfg.channels_last
@@ -250,14 +267,18 @@ class Trainer:
                 lam = mixup_lambda(self.plan.mixup_alpha, self.cfg.seed, step)
                 images = images.to(self.device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(self.device, non_blocking=True)
-                loss = self._forward_loss(images, labels, lam, step, micro) / accumulate
-                self.scaler.scale(loss).backward()
+                last = micro + 1 == accumulate
+                with self._maybe_no_sync(last):
+                    loss = self._forward_loss(images, labels, lam, step, micro) / accumulate
+                    self.scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 micro += 1
                 if micro < accumulate:
                     continue
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.world > 1:
+                    loss_sum = self._mean_across_processes(loss_sum)
                 self.optimizer.zero_grad(set_to_none=True)
                 now = time.perf_counter()
                 record = {"step": step + 1, "loss": loss_sum, "lr": lr,

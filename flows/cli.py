@@ -121,6 +121,54 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
     console.print_json(json.dumps(result))
 
 
+def _curve(source: str) -> dict[int, float]:
+    """A loss curve from a CSV file or an MLflow run id (metric `loss`)."""
+    from bit_core.align import read_curve_csv
+
+    if Path(source).is_file():
+        return read_curve_csv(Path(source))
+    from tasks import tracking
+
+    tracking.configure()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        history = MlflowClient().get_metric_history(source, "loss")
+    except MlflowException:
+        _fail(f"{source!r} is neither a CSV file nor an MLflow run id in "
+              f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
+    if not history:
+        _fail(f"MLflow run {source} has no 'loss' metric")
+    return {m.step: m.value for m in history}
+
+
+@app.command("compare-loss")
+def compare_loss(
+    candidate: str = typer.Argument(..., help="loss CSV or MLflow run id of the run to check"),
+    reference: str = typer.Argument(..., help="loss CSV or MLflow run id of the reference run"),
+    mre: float = typer.Option(0.05, help="pass if mean relative error <= this"),
+    mae: float = typer.Option(0.0002, help="... or if mean absolute error <= this"),
+    plot: Path = typer.Option(Path("reports/loss_alignment.png"), help="PNG with both curves"),
+) -> None:
+    """Check that a run's loss curve matches a reference (exit 1 when it does not)."""
+    from bit_core.align import compare_curves
+    from bit_core.plots import plot_loss
+
+    a, b = _curve(candidate), _curve(reference)
+    try:
+        result = compare_curves(a, b, mre_max=mre, mae_max=mae)
+    except ValueError as err:
+        _fail(str(err))
+    plot_loss({"candidate": [{"step": s, "loss": v} for s, v in sorted(a.items())],
+               "reference": [{"step": s, "loss": v} for s, v in sorted(b.items())]}, plot,
+              title="Loss alignment")
+    verdict = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
+    console.print(f"{verdict} over {result.steps} steps: MRE {result.mre:.4g} (<= {mre}) "
+                  f"MAE {result.mae:.4g} (<= {mae}); plot: {plot}")
+    raise typer.Exit(0 if result.passed else 1)
+
+
 @app.command("ui")
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""

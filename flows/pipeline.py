@@ -78,18 +78,21 @@ def _summary(repo: Path) -> tuple[str, str | None]:
 
 @flow(name="bit-finetune", log_prints=True)
 def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
-                 repo: str | None = None) -> dict:
+                 processes: int | None = None, repo: str | None = None) -> dict:
     """Fine-tune, export, compile and evaluate BiT through the DVC pipeline.
 
     Args:
         overrides: ``section.key=value`` changes to params.yaml (like ``dvc exp run -S``).
         device: ``auto | cpu | cuda | npu`` for training and evaluation.
+        processes: data-parallel training processes per host (e.g. 8 for 8 NPUs).
         repo: the checkout to run in (default: the one this flow was loaded from).
     """
     repo = str(Path(repo or os.environ.get("BIT_PIPELINE_REPO") or REPO).resolve())
     changes = list(overrides or [])
     if device != "auto":
         changes += [f"train.device={device}", f"evaluate.device={device}"]
+    if processes:
+        changes.append(f"train.processes={processes}")
     apply_params(repo, changes)
     results = []
     for stage in stages(Path(repo)):

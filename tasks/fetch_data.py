@@ -8,16 +8,42 @@ from pathlib import Path
 from bit_core.config import DataConfig, Params
 from bit_core.data import DataError, materialize_digits
 from bit_core.io import atomic_dir
+from bit_core.sources import (CIFAR, DEFAULT_CACHE, materialize_cifar, materialize_folder,
+                              materialize_imagenet)
 from tasks.common import log, stage_main
 
 
-def fetch(cfg: DataConfig, out: Path) -> int:
-    """Write the source's images to `out/<class>/<image>`; return how many (atomic: all or none)."""
-    if cfg.source != "digits":
-        raise DataError(f"data.source {cfg.source!r} is not available in this version: "
-                        "use digits")
-    with atomic_dir(out) as tmp:
-        return materialize_digits(tmp)
+def fetch(cfg: DataConfig, out: Path, *, cache_dir: Path = DEFAULT_CACHE,
+          progress: bool = True) -> int:
+    """Write the configured source's images under `out`; return how many (all or none).
+
+    Sources with an official test set (CIFAR, ImageNet) are written as `out/train/<class>/...`,
+    `out/test/<class>/...` and `out/split.json`; the others as `out/<class>/<image>`.
+
+    Args:
+        cfg: the data section of params.yaml.
+        out: the data root to (re)create.
+        cache_dir: where downloaded archives are kept.
+        progress: show download progress bars.
+    """
+    if cfg.source == "digits":
+        with atomic_dir(out) as tmp:
+            return materialize_digits(tmp)
+    if cfg.source in CIFAR:
+        return materialize_cifar(cfg.source, out, url=cfg.url, archive=cfg.archive,
+                                 cache_dir=cache_dir, progress=progress)
+    if cfg.source == "imagefolder":
+        if not cfg.folder:
+            raise DataError("data.source imagefolder needs data.folder: set it to a directory "
+                            "of class sub-folders")
+        return materialize_folder(cfg.folder, out)
+    if cfg.source == "imagenet":
+        if not cfg.imagenet_dir:
+            raise DataError("data.source imagenet needs data.imagenet_dir: set it to the folder "
+                            "holding the ILSVRC2012 archives")
+        return materialize_imagenet(cfg.imagenet_dir, out)
+    raise DataError(f"data.source {cfg.source!r} is unknown: use digits, cifar10, cifar100, "
+                    "imagefolder or imagenet")
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

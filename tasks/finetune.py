@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from bit_core import create_model
+from bit_core import create_model, distributed
 from bit_core.config import Params
 from bit_core.data import (ImageListDataset, eval_transform, read_classes, read_split,
                            train_transform)
@@ -22,7 +24,7 @@ from bit_core.io import atomic_path, atomic_write_json
 from bit_core.plots import plot_loss
 from bit_core.train import Trainer
 from tasks import tracking
-from tasks.common import log, stage_main
+from tasks.common import log, read_params, stage_main
 from tasks.fetch_weights import WEIGHTS_FILE
 
 CHECKPOINT = "checkpoint.pt"
@@ -54,9 +56,20 @@ def _flat_params(params: Params) -> dict[str, object]:
             for key, value in values.items()}
 
 
+class _NoTracking:
+    """Stands in for mlflow on the non-main processes of a multi-process run."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
              reports: Path) -> dict:
-    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`."""
+    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
+
+    Under torchrun every process trains on its slice of each batch; the first process alone
+    evaluates, logs to MLflow and writes files.
+    """
     cfg = params.train
     torch.manual_seed(cfg.seed)
     stats = json.loads((splits / "stats.json").read_text())
@@ -68,54 +81,76 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
                                  cache=cache)
     val_set = ImageListDataset(data_root, read_split(splits / "val.csv"), eval_transform(crop),
                                cache=cache)
-    device = resolve_device(cfg.device)
+    world, device = distributed.init(resolve_device(cfg.device))
     weights = weights_dir / WEIGHTS_FILE
     model = create_model(params.model.name, num_classes=len(classes),
                          weights=weights if weights.is_file() else None).to(device)
 
     def evaluate(net) -> dict:
-        if not len(val_set):
+        if not len(val_set) or not world.is_main:
             return {}
-        predict = torch_predictor(net, device)
+        predict = torch_predictor(getattr(net, "module", net), device)
         logits, labels = predict_all(predict, _loader(val_set, 64, cfg.workers))
         return {f"val_{k}": v for k, v in topk_accuracy(logits, labels).items()}
 
     meta = {"model_name": params.model.name, "classes": classes, "resolution": crop,
             "precrop": precrop, "num_classes": len(classes)}
-    run_id = tracking.start_run(params.tracking.experiment, run_name=f"{params.model.name}-"
-                                f"{params.data.source}")
-    import mlflow
+    if world.is_main:
+        run_id = tracking.start_run(params.tracking.experiment,
+                                    run_name=f"{params.model.name}-{params.data.source}")
+        import mlflow
 
-    try:
         steplog = tracking.StepLogger(run_id)
-        trainer = Trainer(model, train_set, cfg, device, checkpoint_meta=meta, evaluate=evaluate,
-                          on_step=steplog, on_eval=lambda m: mlflow.log_metrics(
-                              {k: v for k, v in m.items() if k != "step"}, step=m["step"]))
+    else:
+        mlflow = steplog = _NoTracking()
+    try:
+        trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
+                          checkpoint_meta=meta, evaluate=evaluate, on_step=steplog,
+                          on_eval=lambda m: mlflow.log_metrics(
+                              {k: v for k, v in m.items() if k != "step"}, step=m["step"]),
+                          rank=world.rank, world=world.size)
         mlflow.log_params({**_flat_params(params), "plan.schedule": trainer.plan.schedule,
                            "plan.lr": trainer.plan.lr, "plan.mixup_alpha": trainer.plan.mixup_alpha,
                            "plan.precrop": precrop, "plan.resolution": crop,
                            "plan.precision": trainer.precision, "plan.device": str(device),
+                           "plan.processes": world.size,
                            "data.train_images": len(train_set), "data.classes": len(classes)})
         start = time.perf_counter()
         state = trainer.fit(out / CHECKPOINT)
         seconds = time.perf_counter() - start
+        if not world.is_main:
+            return {}
         steplog.flush()
-        write_history(state.history, reports / "loss.csv")
-        plot_loss({"train": state.history}, reports / "loss.png",
-                  title=f"{params.model.name} on {params.data.source}")
-        final = state.evals[-1] if state.evals else {}
-        metrics = {"steps": state.step, "train_seconds": round(seconds, 2),
-                   "train_images_per_s": round(state.step * cfg.batch / seconds, 2),
-                   "final_loss": state.history[-1]["loss"],
-                   **{k: v for k, v in final.items() if k != "step"}}
-        atomic_write_json(reports / "metrics.json", metrics)
+        metrics = _write_reports(params, state, seconds, reports)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifact(str(reports / "loss.png"), "plots")
         mlflow.log_artifact(str(reports / "loss.csv"), "plots")
         tracking.write_run_file(out, run_id)
     finally:
         mlflow.end_run()
+        distributed.finish()
     return metrics
+
+
+def _write_reports(params: Params, state, seconds: float, reports: Path) -> dict:
+    write_history(state.history, reports / "loss.csv")
+    plot_loss({"train": state.history}, reports / "loss.png",
+              title=f"{params.model.name} on {params.data.source}")
+    final = state.evals[-1] if state.evals else {}
+    metrics = {"steps": state.step, "train_seconds": round(seconds, 2),
+               "train_images_per_s": round(state.step * params.train.batch / seconds, 2),
+               "final_loss": state.history[-1]["loss"],
+               **{k: v for k, v in final.items() if k != "step"}}
+    atomic_write_json(reports / "metrics.json", metrics)
+    return metrics
+
+
+def relaunch_with_torchrun(processes: int, argv: list[str]) -> int:
+    """Run this stage again as `processes` torchrun workers on this host; return the exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={processes}", "-m", "tasks.finetune", *argv]
+    log.info("starting %d training processes: %s", processes, " ".join(command))
+    return subprocess.run(command).returncode
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +168,18 @@ def _run(args: argparse.Namespace, params: Params) -> None:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    processes = _requested_processes()
+    if processes > 1 and not distributed.launched_by_torchrun():
+        return relaunch_with_torchrun(processes, argv)
     return stage_main("finetune", _args, _run, argv)
+
+
+def _requested_processes() -> int:
+    try:
+        return read_params().train.processes
+    except Exception:  # noqa: BLE001 - stage_main reports params errors properly
+        return 1
 
 
 if __name__ == "__main__":

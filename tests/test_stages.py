@@ -148,3 +148,23 @@ def test_bad_params_stop_a_stage_with_one_line(workdir, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "train.batch = 'eight'" in err
     assert not (tmp_path / "prepared").exists()
+
+
+@pytest.mark.slow
+def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path):
+    """train.processes=2: the stage runs as two gloo processes; rank 0 alone writes and logs."""
+    work = pipeline[0]
+    params = tmp_path / "params.yaml"
+    params.write_text((work / "params.yaml").read_text())
+    apply_overrides(params, ["train.processes=2", "train.device=cpu"])
+    os.environ["BIT_PARAMS"] = str(params)
+    try:
+        code = _stage("finetune", "--data", "data/raw", "--splits", "data/prepared", "--weights",
+                      "models/pretrained", "--out", str(tmp_path / "ft"), "--reports",
+                      str(tmp_path / "rep"))
+    finally:
+        os.environ["BIT_PARAMS"] = str(work / "params.yaml")
+    assert code == 0
+    checkpoint = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["config"]["processes"] == 2
+    assert len((tmp_path / "rep/loss.csv").read_text().splitlines()) == 3

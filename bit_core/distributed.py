@@ -1,0 +1,71 @@
+"""Multi-process data-parallel training (torchrun + DDP): gloo on CPU, nccl on CUDA, hccl on NPU.
+
+Each process reads its own slice of every micro-batch (see ``bit_core.train``), so N processes
+on a global batch B compute the same averaged gradient as one process on B.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def backend_for(device: torch.device) -> str:
+    """The collective-communication backend for a device type."""
+    try:
+        return BACKENDS[device.type]
+    except KeyError:
+        raise ValueError(f"no distributed backend for device {device.type!r}") from None
+
+
+def init(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (no-op for a single process).
+
+    Returns the world and this process's device (cuda:N / npu:N by local rank).
+    """
+    if not launched_by_torchrun():
+        return World(), device
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.type in ("cuda", "npu"):
+        device = torch.device(device.type, local_rank)
+        getattr(torch, device.type).set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend_for(device))
+    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around `model` when there are several processes."""
+    if world.size == 1:
+        return model
+    ids = [device.index] if device.type in ("cuda", "npu") else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,60 @@
+"""The `bit` command as a user meets it."""
+
+from __future__ import annotations
+
+import shutil
+
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("models", "params", "fetch-weights", "run", "flow", "compare-loss", "ui"):
+        assert command in result.output
+
+
+def test_models_table():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    assert "BiT-M-R152x4" in result.output and "936.53" in result.output
+
+
+def test_params_valid_and_invalid(tmp_path, repo_root):
+    good = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", good)
+    result = runner.invoke(app, ["params", "--file", str(good)])
+    assert result.exit_code == 0 and '"source": "digits"' in result.output
+    good.write_text(good.read_text().replace("eval_every:", "eval_evry:"))
+    result = runner.invoke(app, ["params", "--file", str(good)])
+    assert result.exit_code == 2 and "unknown key 'train.eval_evry'" in result.output
+
+
+def test_run_refuses_bad_override_without_touching_params(tmp_path, repo_root, monkeypatch):
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_text()
+    result = runner.invoke(app, ["run", "-S", "train.batch=lots"])
+    assert result.exit_code == 2 and "train.batch = 'lots'" in result.output
+    assert (tmp_path / "params.yaml").read_text() == before
+
+
+def _csv(path, losses):
+    path.write_text("step,loss\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(losses)))
+    return str(path)
+
+
+def test_compare_loss_pass_and_fail(tmp_path):
+    ref = _csv(tmp_path / "ref.csv", [2.0, 1.5, 1.0, 0.8])
+    same = _csv(tmp_path / "same.csv", [2.0, 1.5, 1.0, 0.8])
+    off = _csv(tmp_path / "off.csv", [2.4, 1.8, 1.2, 0.96])
+    plot = tmp_path / "align.png"
+    result = runner.invoke(app, ["compare-loss", same, ref, "--plot", str(plot)])
+    assert result.exit_code == 0 and "PASS" in result.output
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    result = runner.invoke(app, ["compare-loss", off, ref, "--plot", str(plot)])
+    assert result.exit_code == 1 and "FAIL" in result.output and "MRE 0.2" in result.output

@@ -1,0 +1,403 @@
+"""Tests of bit_core.sources on generated archives in the real formats (no mocks, 127.0.0.1)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+from bit_core.config import DataConfig
+from bit_core.data import DataError
+from bit_core.sources import (load_pickle, materialize_cifar, materialize_imagenet,
+                              read_split_marker, safe_extract)
+from tasks.fetch_data import fetch
+from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
+
+CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+                 b"ship", b"truck"]
+
+
+# --- archive builders ----------------------------------------------------------------------------
+
+def _tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    """A tar (gzip-compressed by default) of regular files, with their parent folders."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as tar:
+        folders = sorted({str(Path(n).parent) for n in members} - {"."})
+        for folder in folders:
+            info = tarfile.TarInfo(folder)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as the real CIFAR files were written by Python 2: strings as BINSTRING (loaded as
+    bytes with encoding="bytes") and numpy's array rebuilder under numpy.core.multiarray."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj: bytes | str) -> None:
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        size = len(data)
+        self.write(pickle.SHORT_BINSTRING + bytes([size]) + data if size < 256
+                   else pickle.BINSTRING + struct.pack("<i", size) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = _save_py2_str
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        if getattr(obj, "__name__", None) == "_reconstruct":
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+            self.memoize(obj)
+        else:
+            super().save_global(obj, name)
+
+
+def _py2_pickle(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _batch(rng: np.random.Generator, n: int, labels_key: bytes, classes: int) -> tuple[dict, list]:
+    """A CIFAR batch dict as in the real files (bytes keys, N x 3072 uint8 planes), its labels."""
+    data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+    labels = [int(x) for x in rng.integers(0, classes, size=n)]
+    batch = {b"batch_label": b"generated batch", labels_key: labels, b"data": data,
+             b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+    return batch, labels
+
+
+def _expected(batches: list[tuple[dict, list]], names: list[bytes]) -> list[tuple[str, np.ndarray]]:
+    """(class name, HxWxC pixels) of every image of some batches, in order."""
+    out = []
+    for batch, labels in batches:
+        pixels = batch[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        out += [(names[label].decode(), image) for image, label in zip(pixels, labels)]
+    return out
+
+
+def _cifar10(seed: int = 0, replace: dict[str, bytes] | None = None) -> tuple[bytes, dict]:
+    """A cifar-10-python.tar.gz in the real layout (Python 2 pickles), and the expected images."""
+    rng = np.random.default_rng(seed)
+    train = [_batch(rng, 2, b"labels", 10) for _ in range(5)]
+    test = [_batch(rng, 3, b"labels", 10)]
+    members = {f"cifar-10-batches-py/data_batch_{i + 1}": _py2_pickle(b)
+               for i, (b, _) in enumerate(train)}
+    members["cifar-10-batches-py/test_batch"] = _py2_pickle(test[0][0])
+    members["cifar-10-batches-py/batches.meta"] = _py2_pickle(
+        {b"num_cases_per_batch": 2, b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
+    members["cifar-10-batches-py/readme.html"] = b"<html></html>"
+    members.update(replace or {})
+    return _tar(members), {"train": _expected(train, CIFAR10_NAMES),
+                           "test": _expected(test, CIFAR10_NAMES)}
+
+
+def _assert_pngs(out: Path, expected: dict[str, list[tuple[str, np.ndarray]]]) -> None:
+    for split, images in expected.items():
+        found = sorted(p.relative_to(out / split).as_posix() for p in (out / split).rglob("*.png"))
+        assert found == sorted(f"{name}/{i:05d}.png" for i, (name, _) in enumerate(images))
+        for index, (name, pixels) in enumerate(images):
+            with Image.open(out / split / name / f"{index:05d}.png") as image:
+                assert image.mode == "RGB"
+                np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def _no_leftovers(parent: Path) -> None:
+    """No temporary or partial sibling folders are left behind."""
+    assert [p.name for p in parent.iterdir() if p.name.startswith(".")] == []
+
+
+# --- CIFAR ---------------------------------------------------------------------------------------
+
+def test_cifar10_download_resumes_after_a_drop_and_writes_the_official_split(
+        http_server: ArchiveServer, tmp_path: Path) -> None:
+    archive, expected = _cifar10()
+    drop = len(archive) // 2
+    url = http_server.add("/cifar-10-python.tar.gz", archive, drop_after=drop)
+    out, cache = tmp_path / "data" / "raw", tmp_path / "cache"
+
+    count = materialize_cifar("cifar10", out, url=url, md5=_md5(archive), cache_dir=cache,
+                              progress=False)
+
+    assert count == 13
+    assert http_server.ranges("/cifar-10-python.tar.gz") == [None, f"bytes={drop}-"]
+    assert (cache / "cifar-10-python.tar.gz").read_bytes() == archive
+    _assert_pngs(out, expected)
+    marker = read_split_marker(out)
+    assert marker["source"] == "cifar10" and marker["splits"] == {"train": "train", "test": "test"}
+    assert marker["classes"] == [n.decode() for n in CIFAR10_NAMES]
+    assert marker["images"] == {"train": 10, "test": 3}
+    _no_leftovers(out.parent)
+
+    materialize_cifar("cifar10", out, url=url, md5=_md5(archive), cache_dir=cache, progress=False)
+    assert len(http_server.ranges("/cifar-10-python.tar.gz")) == 2  # served from the cache
+
+
+def test_cifar100_fine_labels_from_python3_protocol2_pickles(http_server: ArchiveServer,
+                                                             tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    names = [f"class_{i:02d}".encode() for i in range(100)]
+    train, test = _batch(rng, 6, b"fine_labels", 100), _batch(rng, 4, b"fine_labels", 100)
+    for batch, _ in (train, test):
+        batch[b"coarse_labels"] = [0] * len(batch[b"data"])
+    archive = _tar({"cifar-100-python/train": pickle.dumps(train[0], protocol=2),
+                    "cifar-100-python/test": pickle.dumps(test[0], protocol=2),
+                    "cifar-100-python/meta": pickle.dumps(
+                        {b"fine_label_names": names, b"coarse_label_names": [b"all"]},
+                        protocol=2)})
+    url = http_server.add("/c100.tar.gz", archive)
+    out = tmp_path / "raw"
+
+    assert materialize_cifar("cifar100", out, url=url, md5=_md5(archive),
+                             cache_dir=tmp_path / "cache", progress=False) == 10
+
+    _assert_pngs(out, {"train": _expected([train], names), "test": _expected([test], names)})
+    assert read_split_marker(out)["classes"] == [n.decode() for n in names]
+
+
+def test_wrong_md5_is_rejected_and_nothing_is_written(http_server: ArchiveServer,
+                                                      tmp_path: Path) -> None:
+    archive, _ = _cifar10()
+    url = http_server.add("/cifar-10-python.tar.gz", archive)
+    out, cache = tmp_path / "raw", tmp_path / "cache"
+
+    with pytest.raises(DataError, match=r"md5 mismatch .*expected 0{32}"):
+        materialize_cifar("cifar10", out, url=url, md5="0" * 32, cache_dir=cache, progress=False)
+    assert not out.exists() and list(cache.iterdir()) == []
+
+    local = tmp_path / "cifar-10-python.tar.gz"  # a local copy checked against the official md5
+    local.write_bytes(archive)
+    out.mkdir()
+    (out / "kept.txt").write_text("earlier output")
+    with pytest.raises(DataError, match=rf"{local} has md5 {_md5(archive)}, expected c58f3010"):
+        fetch(DataConfig(source="cifar10", archive=str(local)), out, cache_dir=cache)
+    assert [p.name for p in out.iterdir()] == ["kept.txt"]
+    _no_leftovers(tmp_path)
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_naming_any_other_global_is_refused_unexecuted(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps({b"data": _Exploit(marker), b"labels": [0]}, protocol=2)
+    archive, _ = _cifar10(replace={"cifar-10-batches-py/data_batch_3": evil})
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(archive)
+    out = tmp_path / "raw"
+
+    with pytest.raises(DataError, match=r"data_batch_3 is not a CIFAR python batch .*global "
+                                        r"(posix|os)\.system is not allowed"):
+        materialize_cifar("cifar10", out, archive=path, md5=_md5(archive))
+
+    assert not marker.exists() and not out.exists()
+    _no_leftovers(tmp_path)
+    builtin = tmp_path / "builtin.pkl"
+    builtin.write_bytes(pickle.dumps({b"x": print}, protocol=2))
+    with pytest.raises(DataError, match=r"(__builtin__|builtins)\.print is not allowed"):
+        load_pickle(builtin)
+
+
+# --- safe extraction -----------------------------------------------------------------------------
+
+def _hostile(kind: str, outside: Path) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        good = tarfile.TarInfo("ok/first.txt")
+        good.size = 2
+        tar.addfile(good, io.BytesIO(b"ok"))
+        if kind in ("dotdot", "absolute"):
+            name = "ok/../../outside/evil" if kind == "dotdot" else str(outside / "evil")
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+        else:
+            link = tarfile.TarInfo("ok/link")
+            link.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            link.linkname = str(outside) if kind == "symlink" else "ok/first.txt"
+            tar.addfile(link)
+            if kind == "symlink":  # then write through it
+                through = tarfile.TarInfo("ok/link/evil")
+                through.size = 4
+                tar.addfile(through, io.BytesIO(b"evil"))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind,reason", [("dotdot", "a '..' component"),
+                                         ("absolute", "an absolute path"),
+                                         ("symlink", "a link"), ("hardlink", "a link")])
+def test_hostile_members_are_refused_and_nothing_lands_outside(tmp_path: Path, kind: str,
+                                                               reason: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = tmp_path / "in" / "hostile.tar.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(_hostile(kind, outside))
+    dest = tmp_path / "work" / "dest"
+
+    with pytest.raises(DataError, match=rf"{archive}: member .* has {reason}; refusing"):
+        safe_extract(archive, dest)
+
+    assert list(outside.iterdir()) == []
+    assert list((tmp_path / "work").iterdir()) == []  # neither dest nor its temporary sibling
+
+
+@pytest.mark.parametrize("mode,suffix", [("w:gz", "tar.gz"), ("w", "tar")])
+def test_truncated_archive_is_reported_by_path_without_partial_output(
+        tmp_path: Path, mode: str, suffix: str) -> None:
+    blob = np.random.default_rng(2).bytes(120_000)  # incompressible
+    data = _tar({"top/a.bin": blob, "top/b.bin": blob[::-1]}, mode)
+    archive = tmp_path / f"broken.{suffix}"
+    archive.write_bytes(data[: len(data) * 2 // 3])  # cut inside top/b.bin
+    dest = tmp_path / "dest"
+
+    with pytest.raises(DataError, match=rf"{archive} is truncated or corrupt .*download it again"):
+        safe_extract(archive, dest)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+# --- ILSVRC-2012 ---------------------------------------------------------------------------------
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # ILSVRC2012_ID 1, 2, 3
+VAL_IDS = [2, 1, 3, 3, 2]  # ground truth of ILSVRC2012_val_00000001.JPEG ...
+
+
+def _jpeg(colour: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _meta_mat(path: Path) -> None:
+    """data/meta.mat as in the devkit: a column of synset structs, leaves first, then a parent."""
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children",
+              "wordnet_height", "num_train_images"]
+    rows = [(i + 1, wnid, f"class {i}, alias {i}", "a leaf", 0, np.zeros((1, 0)), 0, 2)
+            for i, wnid in enumerate(WNIDS)]
+    rows.append((4, "n00000001", "entity", "the root", 3, np.array([[1, 2, 3]], float), 1, 0))
+    synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
+    for index, row in enumerate(rows):
+        synsets[index, 0] = tuple(np.array([[v]], float) if isinstance(v, int) else v
+                                  for v in row)
+    scipy.io.savemat(path, {"synsets": synsets})
+
+
+def _imagenet(folder: Path) -> dict[str, str]:
+    """The three ILSVRC2012 archives in their real layouts; returns their md5s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inner = {f"{w}.tar": _tar({f"{w}_{k}.JPEG": _jpeg((40 * i, 10 * k, 0)) for k in (1, 2)}, "w")
+             for i, w in enumerate(WNIDS)}
+    (folder / "ILSVRC2012_img_train.tar").write_bytes(_tar(inner, "w"))
+    (folder / "ILSVRC2012_img_val.tar").write_bytes(_tar(
+        {f"ILSVRC2012_val_{n:08d}.JPEG": _jpeg((0, 0, 40 * n)) for n in range(1, 6)}, "w"))
+    mat = folder / "meta.mat"
+    _meta_mat(mat)
+    (folder / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(_tar({
+        "ILSVRC2012_devkit_t12/data/meta.mat": mat.read_bytes(),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt":
+            "".join(f"{i}\n" for i in VAL_IDS).encode(),
+        "ILSVRC2012_devkit_t12/COPYING": b"devkit"}))
+    mat.unlink()
+    return {key: _md5((folder / name).read_bytes()) for key, name in (
+        ("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),
+        ("devkit", "ILSVRC2012_devkit_t12.tar.gz"))}
+
+
+def test_imagenet_class_folders_and_no_work_the_second_time(tmp_path: Path) -> None:
+    archives, out = tmp_path / "ilsvrc", tmp_path / "data" / "raw"
+    md5s = _imagenet(archives)
+
+    with pytest.raises(DataError, match=r"ILSVRC2012_img_val.tar has md5 .*download it again"):
+        materialize_imagenet(archives, out, checksums={**md5s, "val": "f" * 32})
+    assert materialize_imagenet(archives, out, checksums=md5s) == 11
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.JPEG"))
+    assert files == sorted([f"train/{w}/{w}_{k}.JPEG" for w in WNIDS for k in (1, 2)] + [
+        f"test/{WNIDS[i - 1]}/ILSVRC2012_val_{n:08d}.JPEG" for n, i in enumerate(VAL_IDS, 1)])
+    with Image.open(out / "test" / WNIDS[1] / "ILSVRC2012_val_00000001.JPEG") as image:
+        assert image.getpixel((4, 4))[2] > 20  # the first val image, labelled 2 -> n01443537
+    marker = read_split_marker(out)
+    assert marker["source"] == "imagenet" and marker["classes"] == WNIDS
+    assert marker["images"] == {"train": 6, "test": 5}
+    assert marker["class_names"][WNIDS[0]] == "class 0, alias 0"
+    _no_leftovers(out.parent)
+
+    before = (out.stat().st_ino, (out / "split.json").stat().st_mtime_ns)
+    assert materialize_imagenet(archives, out, checksums={"train": "0" * 32}) == 11  # not re-read
+    assert (out.stat().st_ino, (out / "split.json").stat().st_mtime_ns) == before
+
+
+def test_imagenet_missing_archive_says_where_to_get_it(tmp_path: Path) -> None:
+    archives = tmp_path / "ilsvrc"
+    _imagenet(archives)
+    (archives / "ILSVRC2012_img_val.tar").unlink()
+    out = tmp_path / "raw"
+
+    with pytest.raises(DataError, match=rf"{archives}/ILSVRC2012_img_val.tar not found: download "
+                       rf"it from https://image-net.org/ \(login required\) and put it in "
+                       rf"{archives}$"):
+        fetch(DataConfig(source="imagenet", imagenet_dir=str(archives)), out)
+    with pytest.raises(DataError, match="needs data.imagenet_dir"):
+        fetch(DataConfig(source="imagenet"), out)
+    assert not out.exists()
+
+
+# --- image folders -------------------------------------------------------------------------------
+
+def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    (src / "cat").mkdir(parents=True)
+    (src / "dog" / "nested").mkdir(parents=True)
+    (src / ".thumbnails").mkdir()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(src / "cat" / "a.png")
+    (src / "cat" / "b.JPG").write_bytes(_jpeg((0, 255, 0)))
+    (src / "cat" / "broken.png").write_bytes(b"not a png")  # copied; prepare reports it
+    (src / "cat" / "notes.txt").write_text("skip me")
+    (src / "cat" / ".hidden.png").write_bytes(b"skip me")
+    (src / "dog" / "nested" / "c.jpeg").write_bytes(_jpeg((0, 0, 255)))
+    (src / "dog" / "Thumbs.db").write_bytes(b"skip me")
+    (src / ".thumbnails" / "x.png").write_bytes(b"skip me")
+    (src / "README.md").write_text("skip me")
+    out = tmp_path / "data" / "raw"
+
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 4
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["cat/a.png", "cat/b.JPG", "cat/broken.png", "dog/nested/c.jpeg"]
+    assert (out / "cat" / "b.JPG").read_bytes() == (src / "cat" / "b.JPG").read_bytes()
+    assert (out / "cat" / "a.png").stat().st_ino == (src / "cat" / "a.png").stat().st_ino
+    (src / "cat" / "a.png").unlink()
+    assert (out / "cat" / "a.png").is_file()  # a snapshot: survives the source's removal
+    _no_leftovers(out.parent)
+
+    with pytest.raises(DataError, match="needs data.folder"):
+        fetch(DataConfig(source="imagefolder"), out)
+    with pytest.raises(DataError, match="overlaps the output"):
+        fetch(DataConfig(source="imagefolder", folder=str(out)), out)
+    assert (out / "cat" / "a.png").is_file()
