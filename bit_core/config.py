@@ -134,6 +134,14 @@ class TrackingConfig(_Section):
     experiment: str = "bit-pipeline"
 
 
+class RegistryConfig(_Section):
+    """MLflow Model Registry: champion / challenger."""
+
+    model_name: str = "bit-classifier"
+    metric: str = "onnxruntime_top1"  # a key of reports/eval/metrics.json; higher is better
+    margin: float = 0.0  # promote when new >= champion + margin
+
+
 class Params(_Section):
     """The whole params.yaml."""
 
@@ -145,6 +153,7 @@ class Params(_Section):
     compile: CompileConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
+    registry: RegistryConfig
 
 
 def _first_error(err: ValidationError, source: str) -> str:

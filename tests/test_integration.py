@@ -22,7 +22,7 @@ from tests.test_stages import TINY
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 STAGES = ["fetch_data", "prepare", "fetch_weights", "finetune", "export_onnx", "compile_om",
-          "evaluate"]
+          "evaluate", "register"]
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -102,7 +102,7 @@ def test_train_param_change_skips_data_stages(clone, first_repro):
     apply_overrides(clone / "params.yaml", ["train.seed=7"])
     result = _dvc(clone, "repro")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _ran(result.stdout) == ["finetune", "export_onnx", "compile_om", "evaluate"]
+    assert _ran(result.stdout) == ["finetune", "export_onnx", "compile_om", "evaluate", "register"]
 
 
 def test_plots_show_renders(clone, first_repro):
