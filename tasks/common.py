@@ -24,10 +24,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from bit_core.download import DownloadError
     from bit_core.export import ParityError
     from bit_core.om import OMError
+    from bit_core.train import Interrupted
     from bit_core.weights import WeightsError
 
-    return _USER_ERRORS + (DataError, DeviceError, DownloadError, OMError, ParityError,
-                          WeightsError)
+    return _USER_ERRORS + (DataError, DeviceError, DownloadError, Interrupted, OMError,
+                          ParityError, WeightsError)
 
 
 def params_path() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -63,9 +64,26 @@ class _NoTracking:
         return lambda *args, **kwargs: None
 
 
+def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> None:
+    """Continue from an interrupted run's checkpoint when it was made by the same recipe."""
+    if resume_file is None or not resume_file.is_file():
+        return
+    saved = torch.load(resume_file, map_location="cpu", weights_only=True)
+    same = saved.get("config") == trainer.cfg.model_dump() and all(
+        saved.get(key) == value for key, value in meta.items())
+    if not same:
+        log.info("ignoring %s: it was written with other parameters", resume_file)
+        return
+    trainer.load_state_dict(saved)
+    log.info("resuming from step %d of %s", trainer.state.step, resume_file)
+
+
 def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
-             reports: Path) -> dict:
+             reports: Path, resume_dir: Path | None = None) -> dict:
     """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
+
+    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
+    survives the stage being re-run); a later run with the same parameters resumes from it.
 
     Under torchrun every process trains on its slice of each batch; the first process alone
     evaluates, logs to MLflow and writes files.
@@ -115,9 +133,14 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
                            "plan.precision": trainer.precision, "plan.device": str(device),
                            "plan.processes": world.size,
                            "data.train_images": len(train_set), "data.classes": len(classes)})
+        resume_file = resume_dir / CHECKPOINT if resume_dir else None
+        _maybe_resume(trainer, resume_file, meta)
         start = time.perf_counter()
-        state = trainer.fit(out / CHECKPOINT)
+        state = trainer.fit(resume_file or out / CHECKPOINT)
         seconds = time.perf_counter() - start
+        if resume_file is not None and world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            os.replace(resume_file, out / CHECKPOINT)
         if not world.is_main:
             return {}
         steplog.flush()
@@ -159,11 +182,14 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, required=True, help="fetch_weights output")
     parser.add_argument("--out", type=Path, required=True, help="directory for the checkpoint")
     parser.add_argument("--reports", type=Path, required=True, help="loss curve and metrics")
+    parser.add_argument("--resume-dir", type=Path, default=None,
+                        help="where periodic checkpoints go and interrupted runs resume from")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Fine-tune BiT with the BiT-HyperRule."""
-    metrics = finetune(params, args.data, args.splits, args.weights, args.out, args.reports)
+    metrics = finetune(params, args.data, args.splits, args.weights, args.out, args.reports,
+                       args.resume_dir)
     log.info("fine-tuned: %s", metrics)
 
 

@@ -168,3 +168,23 @@ def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path):
     checkpoint = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["config"]["processes"] == 2
     assert len((tmp_path / "rep/loss.csv").read_text().splitlines()) == 3
+
+
+def test_interrupted_finetune_resumes_from_persisted_checkpoint(pipeline, tmp_path):
+    """A checkpoint left in --resume-dir by an interrupted run is picked up by the next run."""
+    from bit_core.config import load_params
+    from tasks.finetune import finetune
+
+    work = pipeline[0]
+    params = load_params(work / "params.yaml")
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    done = torch.load(work / "models/finetuned/checkpoint.pt", weights_only=True)
+    marker = {**done["history"][0], "loss": 123.0}  # a fresh start could not produce this
+    partial = {**done, "step": 1, "history": [marker], "evals": done["evals"][:1]}
+    torch.save(partial, resume / "checkpoint.pt")
+    finetune(params, work / "data/raw", work / "data/prepared", work / "models/pretrained",
+             tmp_path / "out", tmp_path / "rep", resume_dir=resume)
+    resumed = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 2 and resumed["history"][0]["loss"] == 123.0
+    assert not (resume / "checkpoint.pt").exists()
