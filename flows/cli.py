@@ -94,14 +94,17 @@ def _results_summary() -> None:
 
 
 @app.command("run")
-def run(set_: SetOption = None, force: bool = typer.Option(False, help="re-run every stage")
-        ) -> None:
-    """Run the pipeline with DVC (only what changed), after applying --set overrides."""
+def run(set_: SetOption = None,
+        preset: str | None = typer.Option(None, "--preset", "-P", help="apply a recipe from "
+                                          "presets/ first: cifar10, cifar100, imagenet, flowers"),
+        force: bool = typer.Option(False, help="re-run every stage")) -> None:
+    """Run the pipeline with DVC (only what changed), after applying a preset and --set values."""
     from bit_core.config import ConfigError
-    from flows.overrides import apply_overrides
+    from flows.overrides import apply_overrides, preset_overrides
 
     try:
-        apply_overrides(Path("params.yaml"), set_ or [])
+        changes = (preset_overrides(preset) if preset else []) + (set_ or [])
+        apply_overrides(Path("params.yaml"), changes)
     except ConfigError as err:
         _fail(str(err))
     command = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else [])

@@ -16,6 +16,25 @@ from bit_core.config import ConfigError, Params, parse_params
 from bit_core.io import atomic_path
 
 
+PRESETS = Path(__file__).resolve().parents[1] / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names of the recipes in presets/ (cifar10, imagenet, ...)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset_overrides(name: str) -> list[str]:
+    """A preset file as ``section.key=value`` overrides (values in YAML flow style)."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(list_presets())}")
+    sections = yaml.safe_load(path.read_text()) or {}
+    return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+            .removesuffix("\n...")
+            for section, values in sections.items() for key, value in values.items()]
+
+
 def parse_override(text: str) -> tuple[list[str], object]:
     """``train.batch=64`` -> (["train", "batch"], 64); the value is read as YAML."""
     key, sep, raw = text.partition("=")

@@ -69,3 +69,20 @@ def test_bad_override_leaves_file_untouched(params_file, override, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(params_file, [override])
     assert params_file.read_text() == before
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet", "flowers"])
+def test_presets_apply_and_validate(params_file, name):
+    from flows.overrides import preset_overrides
+
+    params = apply_overrides(params_file, preset_overrides(name))
+    assert params.data.source in ("cifar10", "cifar100", "imagenet", "imagefolder")
+    assert params.weights.source == "official" and params.train.schedule is None
+    assert "# The only configuration of the pipeline." in params_file.read_text()
+
+
+def test_unknown_preset(params_file):
+    from flows.overrides import preset_overrides
+
+    with pytest.raises(ConfigError, match="unknown preset 'cifar11'.*cifar10"):
+        preset_overrides("cifar11")
