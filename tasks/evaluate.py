@@ -83,16 +83,35 @@ def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratc
     return topk_accuracy(logits, labels), speed, None
 
 
+def _grid(title: str, rows: list[str], batches: list[int], cell) -> list[str]:
+    lines = [f"| {title} | " + " | ".join(f"bs{b}" for b in batches) + " |",
+             "|" + "---|" * (1 + len(batches))]
+    return lines + [f"| {row} | " + " | ".join(cell(row, b) for b in batches) + " |"
+                    for row in rows]
+
+
 def markdown_table(accuracy: dict[str, dict], speed: list[dict]) -> str:
-    """Back-end x batch size -> images/s, plus top-1/top-5 per back-end, as markdown."""
+    """Top-1/top-5 per back-end, then images/s and p50/p99 latency per back-end and batch size."""
     batches = sorted({row["batch"] for row in speed})
-    header = "| back-end | top-1 % | top-5 % | " + " | ".join(f"bs{b} img/s" for b in batches)
-    lines = [header + " |", "|" + "---|" * (3 + len(batches))]
-    for backend, acc in accuracy.items():
-        fps = {row["batch"]: row["fps"] for row in speed if row["backend"] == backend}
-        cells = [f"{fps[b]:.1f}" if b in fps else "–" for b in batches]
-        lines.append(f"| {backend} | {acc['top1']:.2f} | {acc['top5']:.2f} | "
-                     + " | ".join(cells) + " |")
+    backends = list(dict.fromkeys([*accuracy, *(row["backend"] for row in speed)]))
+    by = {(row["backend"], row["batch"]): row for row in speed}
+
+    def fps(backend, batch):
+        row = by.get((backend, batch))
+        return f"{row['fps']:.1f}" if row else "–"
+
+    def latency(backend, batch):
+        row = by.get((backend, batch))
+        if not row or row.get("latency_ms_p50") is None:
+            return "–"
+        p99 = row.get("latency_ms_p99")
+        return f"{row['latency_ms_p50']:.1f} / {p99:.1f}" if p99 is not None else \
+            f"{row['latency_ms_p50']:.1f}"
+
+    lines = ["| back-end | top-1 % | top-5 % |", "|---|---|---|"]
+    lines += [f"| {b} | {a['top1']:.2f} | {a['top5']:.2f} |" for b, a in accuracy.items()]
+    lines += ["", *_grid("images/s", backends, batches, fps), "",
+              *_grid("latency ms p50 / p99", backends, batches, latency)]
     return "\n".join(lines) + "\n"
 
 

@@ -116,7 +116,8 @@ def test_evaluate_reports(pipeline):
         assert metrics[f"{backend}_fps_bs1"] > 0 and metrics[f"{backend}_fps_bs2"] > 0
     assert abs(metrics["onnxruntime_top1"] - metrics["torch_fp32_top1"]) <= 0.1
     table = (out / "fps.md").read_text()
-    assert "| onnxruntime |" in table and "bs2 img/s" in table
+    assert "| onnxruntime |" in table and "| images/s | bs1 | bs2 |" in table
+    assert "latency ms p50 / p99" in table
     for png in ("fps.png", "confusion.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
