@@ -150,6 +150,14 @@ def verify_npz(path: Path, name: str) -> None:
     check_arrays(read_npz(path), model, source=f"{path} (for {name})")
 
 
+def load_trained(path: Path) -> tuple[ResNetV2, dict]:
+    """A fine-tuned model (eval mode) and its self-describing checkpoint, read without pickle."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
 def load_checkpoint_into(model: nn.Module, path: Path) -> dict:
     """Load one of our own `.pt` checkpoints (``weights_only=True``) into `model`; return it."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)

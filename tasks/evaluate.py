@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bit_core import create_model, fold_weight_standardization
+from bit_core import fold_weight_standardization
 from bit_core.config import Params
 from bit_core.data import ImageListDataset, eval_transform, read_classes, read_split
 from bit_core.device import resolve_device
@@ -22,6 +22,7 @@ from bit_core.export import ParityError, onnx_session
 from bit_core.io import atomic_write_json, atomic_write_text
 from bit_core.om import read_ais_outputs, run_ais_bench
 from bit_core.plots import plot_confusion, plot_fps
+from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
 from tasks.finetune import CHECKPOINT
@@ -34,11 +35,9 @@ def fast_precision(device: torch.device) -> str:
     return "bf16" if device.type in ("cpu", "cuda") else "fp16"
 
 
-def _backends(checkpoint: dict, onnx_path: Path, device: torch.device, threads: int | None):
+def _backends(model, onnx_path: Path, device: torch.device, threads: int | None):
     """name -> predictor for every back-end available here."""
-    model = create_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-    folded = fold_weight_standardization(model.eval())
+    folded = fold_weight_standardization(model)
     fast = fast_precision(device)
     return {
         "torch_fp32": torch_predictor(folded, device),
@@ -121,14 +120,14 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
     cfg = params.evaluate
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    checkpoint = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
+    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
     resolution = checkpoint["resolution"]
     test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
                                 eval_transform(resolution))
     loader = DataLoader(test_set, batch_size=64, num_workers=params.train.workers)
     device = resolve_device(cfg.device)
     accuracy, speed, logits_by = {}, [], {}
-    for name, predict in _backends(checkpoint, onnx_path, device, cfg.threads).items():
+    for name, predict in _backends(model, onnx_path, device, cfg.threads).items():
         logits, labels = predict_all(predict, loader)
         logits_by[name] = logits
         accuracy[name] = topk_accuracy(logits, labels)

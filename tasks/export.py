@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from bit_core import create_model
 from bit_core.config import Params
 from bit_core.data import ImageListDataset, eval_transform, read_split
 from bit_core.export import check_parity, export_onnx, op_types
 from bit_core.io import atomic_write_json
+from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
 from tasks.finetune import CHECKPOINT
@@ -30,10 +30,7 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
            report: Path) -> dict:
     """Export, then fail unless ONNX Runtime matches PyTorch within export.atol."""
     cfg = params.export
-    checkpoint = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-    model = create_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
     resolution = checkpoint["resolution"]
     path = export_onnx(model, out / MODEL_FILE, resolution=resolution, opset=cfg.opset,
                        simplify=cfg.simplify)
