@@ -32,7 +32,10 @@ def _fail(message: str) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, **TELEMETRY_OFF}
+    """Telemetry off, and this interpreter's bin directory first on PATH, so the `python` of the
+    dvc.yaml commands is the one that has the project installed."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, **TELEMETRY_OFF, "PATH": path}
 
 
 @app.command("models")

@@ -57,6 +57,34 @@ def _flat_params(params: Params) -> dict[str, object]:
             for key, value in values.items()}
 
 
+class ProgressReporter:
+    """A progress bar with loss, lr and images/s, plus a log line every `every` steps (so logs
+    of non-interactive runs, e.g. under DVC or a Prefect worker, show progress too)."""
+
+    def __init__(self, total: int, start: int, every: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeRemainingColumn
+
+        self.every = every
+        self.bar = Progress(TextColumn("fine-tune"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        self.task = self.bar.add_task("train", total=total, completed=start, stats="")
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+
+    def __call__(self, record: dict) -> None:
+        stats = (f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                 f"{record['images_per_s']:.0f} img/s")
+        self.bar.update(self.task, completed=record["step"], stats=stats)
+        if record["step"] % self.every == 0 and not self.bar.console.is_terminal:
+            log.info("step %d: %s", record["step"], stats)
+
+
 class _NoTracking:
     """Stands in for mlflow on the non-main processes of a multi-process run."""
 
@@ -123,7 +151,7 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         mlflow = steplog = _NoTracking()
     try:
         trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
-                          checkpoint_meta=meta, evaluate=evaluate, on_step=steplog,
+                          checkpoint_meta=meta, evaluate=evaluate,
                           on_eval=lambda m: mlflow.log_metrics(
                               {k: v for k, v in m.items() if k != "step"}, step=m["step"]),
                           rank=world.rank, world=world.size)
@@ -136,7 +164,9 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         resume_file = resume_dir / CHECKPOINT if resume_dir else None
         _maybe_resume(trainer, resume_file, meta)
         start = time.perf_counter()
-        state = trainer.fit(resume_file or out / CHECKPOINT)
+        with ProgressReporter(trainer.plan.steps, trainer.state.step, cfg.eval_every) as progress:
+            trainer.on_step = _both(steplog, progress) if world.is_main else None
+            state = trainer.fit(resume_file or out / CHECKPOINT)
         seconds = time.perf_counter() - start
         if resume_file is not None and world.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +183,14 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         mlflow.end_run()
         distributed.finish()
     return metrics
+
+
+def _both(*callbacks):
+    def call(record: dict) -> None:
+        for callback in callbacks:
+            callback(record)
+
+    return call
 
 
 def _write_reports(params: Params, state, seconds: float, reports: Path) -> dict:
