@@ -86,7 +86,7 @@ def fetch_weights(
 def _results_summary() -> None:
     table = Path("reports/eval/fps.md")
     if table.is_file():
-        console.print(table.read_text())
+        print(table.read_text())
     console.print("Results:")
     for path in ("reports/eval/metrics.json", "reports/eval/fps.md", "reports/eval/fps.png",
                  "reports/eval/confusion.png", "reports/train/loss.png", "models/onnx/model.onnx",

@@ -92,6 +92,15 @@ class _NoTracking:
         return lambda *args, **kwargs: None
 
 
+def _describe_resume_dir(resume_dir: Path) -> None:
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    note = resume_dir / "README.txt"
+    if not note.exists():
+        note.write_text("Checkpoints of an interrupted fine-tune. The next run with the same "
+                        "parameters resumes from checkpoint.pt here; a finished run moves it to "
+                        "models/finetuned/.\n")
+
+
 def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> None:
     """Continue from an interrupted run's checkpoint when it was made by the same recipe."""
     if resume_file is None or not resume_file.is_file():
@@ -162,6 +171,8 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
                            "plan.processes": world.size,
                            "data.train_images": len(train_set), "data.classes": len(classes)})
         resume_file = resume_dir / CHECKPOINT if resume_dir else None
+        if resume_dir is not None and world.is_main:
+            _describe_resume_dir(resume_dir)
         _maybe_resume(trainer, resume_file, meta)
         start = time.perf_counter()
         with ProgressReporter(trainer.plan.steps, trainer.state.step, cfg.eval_every) as progress:
