@@ -33,12 +33,12 @@ def launched_by_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def backend_for(device: torch.device) -> str:
-    """The collective-communication backend for a device type."""
+def backend_for(device_type: str) -> str:
+    """The collective-communication backend for a device type (cpu, cuda, npu)."""
     try:
-        return BACKENDS[device.type]
+        return BACKENDS[device_type]
     except KeyError:
-        raise ValueError(f"no distributed backend for device {device.type!r}") from None
+        raise ValueError(f"no distributed backend for device {device_type!r}") from None
 
 
 def init(device: torch.device) -> tuple[World, torch.device]:
@@ -53,7 +53,7 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device(device.type, local_rank)
         getattr(torch, device.type).set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device))
+        dist.init_process_group(backend_for(device.type))
     return World(dist.get_rank(), dist.get_world_size(), local_rank), device
 
 

@@ -71,9 +71,11 @@ def test_two_processes_match_one(tmp_path):
 
 
 def test_backend_by_device():
-    assert distributed.backend_for(torch.device("cpu")) == "gloo"
-    assert distributed.backend_for(torch.device("cuda")) == "nccl"
-    assert distributed.backend_for(torch.device("npu")) == "hccl"
+    assert distributed.backend_for("cpu") == "gloo"
+    assert distributed.backend_for("cuda") == "nccl"
+    assert distributed.backend_for("npu") == "hccl"
+    with pytest.raises(ValueError, match="mps"):
+        distributed.backend_for("mps")
 
 
 def test_single_process_is_a_no_op():

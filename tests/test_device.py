@@ -1,0 +1,50 @@
+"""Device and precision selection on a machine without CUDA or Ascend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bit_core.device import DeviceError, resolve_device, resolve_precision
+
+
+def test_auto_is_cpu_here():
+    assert not torch.cuda.is_available()
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_cuda_absent_is_a_clear_error():
+    with pytest.raises(DeviceError, match="no CUDA GPU is visible.*device: cpu"):
+        resolve_device("cuda")
+
+
+def test_npu_absent_is_a_clear_error():
+    with pytest.raises(DeviceError, match="npu.*set device: cpu"):
+        resolve_device("npu")
+
+
+def test_precision_defaults():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(DeviceError, match="fp16 is not supported on cpu"):
+        resolve_precision("fp16", cpu)
+
+
+def test_finetune_stage_reports_missing_device(tmp_path, repo_root, monkeypatch, capsys):
+    from flows.overrides import apply_overrides
+    from tasks import finetune
+
+    params = tmp_path / "params.yaml"
+    params.write_text((repo_root / "params.yaml").read_text())
+    apply_overrides(params, ["train.device=cuda"])
+    monkeypatch.setenv("BIT_PARAMS", str(params))
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits/stats.json").write_text('{"image_height": 8, "image_width": 8}')
+    (tmp_path / "splits/classes.json").write_text('["a", "b"]')
+    for split in ("train", "val"):
+        (tmp_path / f"splits/{split}.csv").write_text("path,label\n")
+    code = finetune.main(["--data", str(tmp_path), "--splits", str(tmp_path / "splits"),
+                          "--weights", str(tmp_path), "--out", str(tmp_path / "out"),
+                          "--reports", str(tmp_path / "rep")])
+    assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
