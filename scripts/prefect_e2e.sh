@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# The bit-finetune flow through a real Prefect server, worker and deployment, on 127.0.0.1 only.
+#
+# usage: scripts/prefect_e2e.sh CHECKOUT WORKDIR [OVERRIDE ...]
+#   CHECKOUT  the checkout the worker runs the pipeline in (a git copy; results are written there)
+#   WORKDIR   scratch space: PREFECT_HOME (the server's SQLite database), logs, pids
+#   OVERRIDE  section.key=value, passed to the flow's `overrides` parameter (e.g. train.batch=8)
+#
+# Steps, each bounded in time:
+#   1. prefect server start --host 127.0.0.1 --port <free port> --analytics-off, in the
+#      background, with PREFECT_HOME under WORKDIR; wait for /api/health; export PREFECT_API_URL
+#   2. for every work pool in CHECKOUT/prefect.yaml: create it (process type) when missing, set
+#      its concurrency limit to 1, and a tag concurrency limit of 1 on <pool>-training (the
+#      fine-tune task's tag); create the zombie-run automation (scripts/crash-zombie-runs.yaml)
+#   3. prefect variable set bit_pipeline_repo CHECKOUT; prefect --no-prompt deploy --all
+#   4. prefect worker start --pool <the deployment's pool>, in the background
+#   5. prefect deployment run bit-finetune/$DEPLOYMENT --params {"overrides": [...]} --watch
+#   6. check: the run is Completed, published the bit-evaluation artifact, and wrote
+#      reports/eval/metrics.json and an MLflow run id (models/finetuned/mlflow_run.json);
+#      record each deployment's schedule parameters, and the nightly runs the server's
+#      scheduler has created from them, in result.json
+# On exit, whatever happened, the worker and the server are stopped with every process they
+# started (their process groups and descendants: SIGTERM, then SIGKILL after 10 s).
+#
+# Environment:
+#   DEPLOYMENT      deployment of prefect.yaml to run (default cpu)
+#   RUN_TIMEOUT     seconds the flow run may take (default 1800)
+#   SERVER_TIMEOUT  seconds to wait for the server to answer (default 180)
+#   PREFECT_BIN     directory holding prefect and python (default: this repo's .venv/bin, else
+#                   the directory of `prefect` on PATH)
+#   MLFLOW_TRACKING_URI  passed on to the worker (default: sqlite:///CHECKOUT/mlflow.db)
+# Prints "e2e: ok ..." lines and exits 0 on success; non-zero with the logs' tails otherwise.
+# Writes WORKDIR/pids ("server <pid>", "worker <pid>"), WORKDIR/{server,worker,run}.log and
+# WORKDIR/result.json (flow run id, state, MLflow run id, metrics path).
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+    exit 2
+fi
+CHECKOUT=$(cd "$1" && pwd)
+mkdir -p "$2"
+WORK=$(cd "$2" && pwd)
+shift 2
+SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+DEPLOYMENT=${DEPLOYMENT:-cpu}
+RUN_TIMEOUT=${RUN_TIMEOUT:-1800}
+SERVER_TIMEOUT=${SERVER_TIMEOUT:-180}
+CLI_TIMEOUT=180
+if [[ -z ${PREFECT_BIN:-} ]]; then
+    if [[ -x $SCRIPTS/../.venv/bin/prefect ]]; then
+        PREFECT_BIN=$(cd "$SCRIPTS/../.venv/bin" && pwd)
+    else
+        PREFECT_BIN=$(dirname "$(command -v prefect)")
+    fi
+fi
+PREFECT=$PREFECT_BIN/prefect
+PY=$PREFECT_BIN/python
+
+# Telemetry off; an isolated Prefect home and profile; no settings from the caller's profile.
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
+    MLFLOW_DISABLE_TELEMETRY=true TORCH_DEVICE_BACKEND_AUTOLOAD=0
+export PREFECT_HOME=$WORK/prefect-home
+unset PREFECT_API_URL PREFECT_API_KEY PREFECT_PROFILE PREFECT_PROFILES_PATH \
+    PREFECT_API_DATABASE_CONNECTION_URL
+export PATH=$PREFECT_BIN:$PATH NO_COLOR=1 COLUMNS=200 TERM=dumb
+export PREFECT_WORKER_QUERY_SECONDS=2 PREFECT_WORKER_PREFETCH_SECONDS=5
+mkdir -p "$PREFECT_HOME"
+: >"$WORK/pids"
+
+# fds 3 and 4: the script's own stdout and stderr, whatever a command's redirection says when a
+# trap fires; not passed on to the processes it starts.
+exec 3>&1 4>&2
+log() { printf 'e2e: %s\n' "$*" >&3; }
+fail() {
+    printf 'e2e: FAILED: %s\n' "$*" >&4
+    for name in server worker run; do
+        [[ -s $WORK/$name.log ]] && { printf -- '--- %s.log (tail)\n' "$name" >&4; tail -n 40 "$WORK/$name.log" >&4; }
+    done
+    exit 1
+}
+
+# --- stopping what this script started -------------------------------------------------------
+LEADERS=()  # pids of the background processes started with setsid (each leads its own group)
+HELPER=""   # the pid of the bounded command running now (in the background: signals reach traps)
+OWN_PGID=$(ps -o pgid= -p $$ | tr -d ' ')
+
+descendants() {
+    local child
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+
+signal_all() {  # signal_all SIG PID...: each process group among them (ours excepted) once
+    local sig=$1 pid pgid seen=" "
+    shift
+    for pid in "$@"; do
+        pgid=$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ') || true
+        if [[ -z $pgid ]]; then
+            continue  # gone
+        elif [[ $pgid == "$OWN_PGID" ]]; then
+            kill "-$sig" "$pid" 2>/dev/null || true
+        elif [[ $seen != *" $pgid "* ]]; then
+            seen+="$pgid "
+            kill "-$sig" -- "-$pgid" 2>/dev/null || true
+        fi
+    done
+    return 0
+}
+
+stop_tree() {  # stop_tree PID: SIGTERM it and its descendants' groups; SIGKILL after 10 s
+    local pids=("$1") pid alive deadline
+    kill -0 "$1" 2>/dev/null || return 0
+    while read -r pid; do pids+=("$pid"); done < <(descendants "$1")
+    signal_all TERM "${pids[@]}"
+    deadline=$((SECONDS + 10))  # a prefect worker ignores SIGTERM/SIGINT when idle: KILL it
+    while ((SECONDS < deadline)); do
+        alive=0
+        for pid in "${pids[@]}"; do
+            if kill -0 "$pid" 2>/dev/null && [[ $(ps -o stat= -p "$pid" 2>/dev/null) != Z* ]]; then
+                alive=1
+            fi
+        done
+        ((alive)) || break
+        sleep 0.5
+    done
+    signal_all KILL "${pids[@]}"
+    wait "$1" 2>/dev/null || true
+}
+
+cleanup() {
+    local status=$? i started=$SECONDS order=()
+    trap - EXIT INT TERM
+    exec 2>/dev/null  # bash's own "Killed" job notices
+    [[ -n $HELPER ]] && order+=("$HELPER")
+    for ((i = ${#LEADERS[@]} - 1; i >= 0; i--)); do order+=("${LEADERS[i]}"); done
+    if ((${#order[@]})); then
+        log "stopping ${order[*]} (a pending command, the worker, the server) and their children"
+        for i in "${order[@]}"; do stop_tree "$i"; done  # the server last: the worker reports to it
+        log "stopped in $((SECONDS - started)) s"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+start_bg() {  # start_bg NAME COMMAND...: in its own session and process group, logging to NAME.log
+    local name=$1
+    shift
+    setsid "$@" >"$WORK/$name.log" 2>&1 </dev/null 3>&- 4>&- &
+    LEADERS+=($!)
+    echo "$name $!" >>"$WORK/pids"
+}
+
+bounded() {  # bounded SECONDS COMMAND...: a time limit, and signals handled while it runs
+    local limit=$1 pid status=0
+    shift
+    timeout "$limit" "$@" 3>&- 4>&- &
+    pid=$!
+    HELPER=$pid
+    wait "$pid" || status=$?
+    HELPER=""
+    return "$status"
+}
+
+cli() { bounded "$CLI_TIMEOUT" "$PREFECT" "$@"; }
+
+# --- 1. the server ----------------------------------------------------------------------------
+PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+start_bg server "$PREFECT" server start --host 127.0.0.1 --port "$PORT" --analytics-off
+SERVER_PID=${LEADERS[-1]}
+export PREFECT_API_URL=http://127.0.0.1:$PORT/api
+deadline=$((SECONDS + SERVER_TIMEOUT))
+until curl -fsS --max-time 2 "$PREFECT_API_URL/health" >/dev/null 2>&1; do
+    kill -0 "$SERVER_PID" 2>/dev/null || fail "the Prefect server exited"
+    ((SECONDS < deadline)) || fail "the Prefect server did not answer within ${SERVER_TIMEOUT}s"
+    sleep 1
+done
+log "server up at $PREFECT_API_URL (PREFECT_HOME=$PREFECT_HOME)"
+
+# --- 2. pools, limits, automation -------------------------------------------------------------
+read -r -a POOLS <<<"$("$PY" - "$CHECKOUT/prefect.yaml" <<'EOF'
+import sys, yaml
+deployments = yaml.safe_load(open(sys.argv[1]))["deployments"]
+print(" ".join(dict.fromkeys(d["work_pool"]["name"] for d in deployments)))
+EOF
+)"
+POOL=$("$PY" - "$CHECKOUT/prefect.yaml" "$DEPLOYMENT" <<'EOF'
+import sys, yaml
+deployments = yaml.safe_load(open(sys.argv[1]))["deployments"]
+print(next(d["work_pool"]["name"] for d in deployments if d["name"] == sys.argv[2]))
+EOF
+) || fail "no deployment named $DEPLOYMENT in $CHECKOUT/prefect.yaml"
+for pool in "${POOLS[@]}"; do
+    cli work-pool inspect "$pool" >/dev/null 2>&1 || cli work-pool create "$pool" --type process >/dev/null
+    cli work-pool set-concurrency-limit "$pool" 1 >/dev/null
+    cli concurrency-limit create "$pool-training" 1 >/dev/null
+done
+log "work pools ${POOLS[*]}: process type, 1 flow run at a time; tags ${POOLS[*]/%/-training}: 1 task"
+if ! cli automation inspect bit-crash-zombie-runs >/dev/null 2>&1; then
+    cli automation create --from-file "$SCRIPTS/crash-zombie-runs.yaml" >/dev/null
+fi
+
+# --- 3. deployments ---------------------------------------------------------------------------
+cli variable set bit_pipeline_repo "$CHECKOUT" --overwrite >/dev/null
+bounded "$CLI_TIMEOUT" env -C "$CHECKOUT" "$PREFECT" --no-prompt deploy --all >"$WORK/deploy.log" 2>&1 \
+    || { tail -n 40 "$WORK/deploy.log" >&2; fail "prefect deploy --all"; }
+log "deployed prefect.yaml from $CHECKOUT"
+
+# --- 4. the worker ----------------------------------------------------------------------------
+start_bg worker "$PREFECT" worker start --pool "$POOL" --name "e2e-$POOL-$$"
+log "worker polling $POOL"
+
+# --- 5. a run ---------------------------------------------------------------------------------
+PARAMS=$("$PY" -c 'import json, sys; print(json.dumps({"overrides": sys.argv[1:]}))' "$@")
+log "running bit-finetune/$DEPLOYMENT with $PARAMS"
+RUN_STATUS=0
+bounded $((RUN_TIMEOUT + 60)) "$PREFECT" deployment run "bit-finetune/$DEPLOYMENT" \
+    --params "$PARAMS" --watch --watch-timeout "$RUN_TIMEOUT" >"$WORK/run.log" 2>&1 \
+    || RUN_STATUS=$?
+FLOW_RUN=$(grep -oE 'UUID: [0-9a-f-]{36}' "$WORK/run.log" | head -n 1 | cut -d' ' -f2 || true)
+[[ -n $FLOW_RUN ]] || fail "no flow run was created"
+((RUN_STATUS == 0)) || fail "flow run $FLOW_RUN did not complete (exit $RUN_STATUS)"
+
+# --- 6. checks --------------------------------------------------------------------------------
+cat >"$WORK/check.py" <<'EOF'
+import asyncio, json, sys
+from pathlib import Path
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                            FlowRunFilter, FlowRunFilterState,
+                                            FlowRunFilterStateType)
+from prefect.client.schemas.objects import StateType
+
+flow_run_id, checkout, out = UUID(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+
+
+async def main() -> None:
+    async with get_client() as client:
+        run = await client.read_flow_run(flow_run_id)
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        deployments = await client.read_deployments()
+        scheduled = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+    keys = sorted(a.key for a in artifacts if a.key)
+    metrics = checkout / "reports/eval/metrics.json"
+    run_file = checkout / "models/finetuned/mlflow_run.json"
+    result = {"flow_run_id": str(flow_run_id), "state": run.state.name if run.state else None,
+              "artifacts": keys, "metrics": str(metrics) if metrics.is_file() else None,
+              "mlflow_run_id": json.loads(run_file.read_text())["run_id"]
+              if run_file.is_file() else None,
+              "nightly_schedules": {d.name: [s.parameters for s in d.schedules or []]
+                                    for d in deployments},
+              "scheduled_nightly_runs": {d.name: sum(
+                  1 for r in scheduled if r.deployment_id == d.id and r.parameters.get("nightly"))
+                  for d in deployments}}
+    out.write_text(json.dumps(result, indent=2))
+    problems = [p for p, bad in (
+        (f"state {result['state']}", result["state"] != "Completed"),
+        ("no bit-evaluation artifact", "bit-evaluation" not in keys),
+        (f"no {metrics}", not result["metrics"]),
+        (f"no MLflow run id in {run_file}", not result["mlflow_run_id"])) if bad]
+    if problems:
+        sys.exit("; ".join(problems))
+    print(f"e2e: ok flow run {flow_run_id} Completed; artifact bit-evaluation; "
+          f"MLflow run {result['mlflow_run_id']}; {metrics}")
+
+
+asyncio.run(main())
+EOF
+bounded "$CLI_TIMEOUT" "$PY" "$WORK/check.py" "$FLOW_RUN" "$CHECKOUT" "$WORK/result.json" \
+    || fail "checks (see $WORK/result.json)"

@@ -1,0 +1,215 @@
+"""Real servers: the flow through Prefect (server, work pool, deployment, worker), and the MLflow
+preflight against a closed port and a live `mlflow server`.
+
+The end-to-end test runs scripts/prefect_e2e.sh on a temporary git copy of the repository with
+the tiny training settings, then checks that nothing the script started is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.overrides import apply_overrides
+from flows.pipeline import PreflightError, check_tracking_server, mlflow_link
+from tests.test_stages import TINY
+
+BIN = Path(sys.executable).parent
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prefect_e2e.sh"
+E2E_TIMEOUT = 1800
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_clone(root: Path, dest: Path, overrides: list[str] = TINY) -> Path:
+    """The repository's tracked and unignored files, as a new git repo with one commit."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root,
+                           check=True, capture_output=True, text=True).stdout.split()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if (root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, dest / name)
+    apply_overrides(dest / "params.yaml", overrides)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live (not zombie) processes whose environment has key=value."""
+    found, needle = [], f"{key}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def stop_group(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM the process group we started (its traps clean up), SIGKILL after `grace`."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# --- MLflow preflight --------------------------------------------------------------------------
+
+def test_preflight_skips_local_stores():
+    assert check_tracking_server(None) is False
+    assert check_tracking_server("sqlite:///mlflow.db") is False
+    assert check_tracking_server("file:///tmp/mlruns") is False
+
+
+def test_preflight_fails_fast_on_a_closed_port():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(PreflightError) as err:
+        check_tracking_server(uri, timeout=2)
+    message = str(err.value)
+    assert time.perf_counter() - start < 5
+    assert "\n" not in message and uri in message
+    assert "mlflow server" in message and "MLFLOW_TRACKING_URI" in message
+
+
+@pytest.mark.slow
+def test_flow_fails_at_preflight_before_any_stage(tmp_path, monkeypatch):
+    """With the server down, the flow stops in its first task: params.yaml is untouched."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import bit_finetune
+
+    repo = make_clone(Path(__file__).resolve().parents[1], tmp_path / "clone")
+    lock = repo / "dvc.lock"
+    before = (repo / "params.yaml").read_text(), lock.read_text() if lock.exists() else None
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with prefect_test_harness(server_startup_timeout=120):
+        start = time.perf_counter()
+        with pytest.raises(PreflightError, match=uri):
+            bit_finetune(overrides=["train.seed=4"], device="cpu", repo=str(repo))
+        seconds = time.perf_counter() - start
+    after = (repo / "params.yaml").read_text(), lock.read_text() if lock.exists() else None
+    assert after == before and not (repo / "data" / "raw").exists()
+    assert seconds < 30, seconds
+
+
+def test_mlflow_link_for_a_local_store():
+    text = mlflow_link("sqlite:////tmp/x/mlflow.db", "abc123")
+    assert "`abc123`" in text and "sqlite:////tmp/x/mlflow.db" in text
+    assert mlflow_link("sqlite:///m.db", None) == "MLflow run: none recorded"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on a free port of 127.0.0.1 with a SQLite store; stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    log = (tmp_path / "mlflow.log").open("w")
+    process = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if check_tracking_server(uri, timeout=2):
+                    break
+            except PreflightError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError((tmp_path / "mlflow.log").read_text()[-3000:])
+                time.sleep(1)
+        yield uri
+    finally:
+        stop_group(process, grace=20)
+        log.close()
+    assert process.poll() is not None
+
+
+@pytest.mark.slow
+def test_preflight_and_run_link_with_a_live_mlflow_server(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    assert check_tracking_server(mlflow_server) is True
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment("bit-pipeline")
+    run = client.create_run(experiment).info.run_id
+    link = mlflow_link(mlflow_server, run)
+    assert f"({mlflow_server}/#/experiments/{experiment}/runs/{run})" in link
+
+
+# --- the whole flow through a Prefect server ---------------------------------------------------
+
+@pytest.mark.slow
+def test_prefect_e2e_script(tmp_path, repo_root):
+    repo = make_clone(repo_root, tmp_path / "clone")
+    work = tmp_path / "prefect"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_BIN": str(BIN), "RUN_TIMEOUT": str(E2E_TIMEOUT - 300)}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "BIT_PARAMS", "PREFECT_API_URL"):
+        env.pop(key, None)
+    start = time.perf_counter()
+    process = subprocess.Popen(["bash", str(SCRIPT), str(repo), str(work), "train.seed=5"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=E2E_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        stop_group(process)
+        output, _ = process.communicate()
+        pytest.fail(f"prefect_e2e.sh did not finish in {E2E_TIMEOUT} s:\n{output[-4000:]}")
+    seconds = time.perf_counter() - start
+    print(f"prefect_e2e.sh: {seconds:.0f} s\n{output}")
+    survivors = processes_with_env("PREFECT_HOME", str(work / "prefect-home"))
+    started = dict(line.split() for line in (work / "pids").read_text().splitlines())
+    for pid in survivors:  # clean up after a failure, then report it
+        os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-6000:]
+    assert not survivors, f"processes left running: {survivors}"
+    assert set(started) == {"server", "worker"}
+    for pid in started.values():
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+    result = json.loads((work / "result.json").read_text())
+    assert result["state"] == "Completed"
+    assert "bit-evaluation" in result["artifacts"]
+    assert result["mlflow_run_id"] == json.loads(
+        (repo / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    assert "top1" in (repo / "reports/eval/metrics.json").read_text()
+    assert result["nightly_schedules"] == {"cpu": [], "gpu": [{"nightly": True}],
+                                           "npu": [{"nightly": True}]}
+    # the server's scheduler turned the cron schedules into nightly runs (none for cpu)
+    scheduled = result["scheduled_nightly_runs"]
+    assert scheduled["gpu"] > 0 and scheduled["npu"] > 0 and scheduled["cpu"] == 0, scheduled
+    assert "seed: 5" in (repo / "params.yaml").read_text()  # the --params override arrived
+    assert "e2e: ok" in output
