@@ -125,3 +125,43 @@ def test_prefect_flow_runs_stages_in_order(clone, first_repro, monkeypatch):
     assert ran["finetune"] and ran["evaluate"]
     assert "seed: 11" in (clone / "params.yaml").read_text()
     assert result["mlflow_run_id"]
+
+
+def test_run_read_back_through_mlflow_server(clone, first_repro):
+    """`mlflow server` on the pipeline's store serves the run over its REST API."""
+    import json as _json
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{clone / 'mlflow.db'}"],
+        cwd=clone, env=_env(clone), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    run_id = json.loads((clone / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
+            run = _json.load(reply)["run"]
+        assert run["info"]["status"] == "FINISHED"
+        metrics = {m["key"] for m in run["data"]["metrics"]}
+        assert {"val_top1", "onnx_max_abs_diff", "test_onnxruntime_top1"} <= metrics
+        url = f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=loss"
+        with urllib.request.urlopen(url) as reply:
+            steps = [m["step"] for m in _json.load(reply)["metrics"]]
+        assert steps == [1, 2]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
