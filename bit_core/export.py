@@ -22,7 +22,7 @@ from bit_core.model import fold_weight_standardization
 INPUT, OUTPUT = "image", "logits"
 # Protobuf cannot hold a model over 2 GiB: larger weights go to a side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-WS_OP_TYPES = {"ReduceMean", "Sqrt", "Pow"}  # what an unfolded weight standardisation adds
+WS_OP_TYPES = {"LayerNormalization", "ReduceMean", "Sqrt", "Pow"}  # unfolded WS would add these
 
 
 class ParityError(AssertionError):
