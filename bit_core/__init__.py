@@ -7,9 +7,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bit_core.model import ResNetV2, build_model, fold_weight_standardization, list_models
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bit_core.model import ResNetV2
 
 __all__ = ["ResNetV2", "create_model", "fold_weight_standardization", "list_models"]
+
+_FROM_MODEL = frozenset({"ResNetV2", "build_model", "fold_weight_standardization", "list_models"})
+
+
+def __getattr__(name: str):
+    # torch loads on first use, so the configuration and data code imports in a blink.
+    if name in _FROM_MODEL:
+        from bit_core import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'bit_core' has no attribute {name!r}")
 
 
 def create_model(name: str, num_classes: int | None = None,
@@ -23,6 +37,7 @@ def create_model(name: str, num_classes: int | None = None,
         weights: an official ``.npz`` (head loaded only if the class count matches) or a
             checkpoint ``.pt`` written by this project.
     """
+    from bit_core.model import build_model
     from bit_core.weights import load_checkpoint_into, load_npz
 
     model = build_model(name, num_classes)

@@ -28,6 +28,7 @@ class DataConfig(_Section):
     source: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
     url: str | None = None  # mirror for downloadable sources
     archive: str | None = None  # a local copy of the downloadable archive
+    md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")  # url/archive MD5 when not the official file
     folder: str | None = None  # imagefolder: directory of class sub-folders
     imagenet_dir: str | None = None  # imagenet: directory holding the ILSVRC2012 archives
     seed: int = 0
@@ -82,6 +83,8 @@ class TrainConfig(_Section):
     mixup_alpha: float | None = Field(None, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool | None = None
+    compile: bool | None = None  # torch.compile the training step; null: on for long runs on cpu/cuda
+    stop_after: int | None = Field(None, ge=1)  # end early (a smoke run); the schedule is unchanged
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
     workers: int = Field(0, ge=0)

@@ -96,23 +96,41 @@ def _results_summary() -> None:
     console.print("Compare runs:  make ui   (MLflow UI on http://127.0.0.1:5000)")
 
 
+def _stage_names() -> list[str]:
+    """The stages of dvc.yaml, in file order."""
+    from ruamel.yaml import YAML
+
+    return list(YAML(typ="safe").load(Path("dvc.yaml").read_text())["stages"])
+
+
 @app.command("run")
 def run(set_: SetOption = None,
         preset: str | None = typer.Option(None, "--preset", "-P", help="apply a recipe from "
                                           "presets/ first: cifar10, cifar100, imagenet, flowers"),
-        force: bool = typer.Option(False, help="re-run every stage")) -> None:
+        force: bool = typer.Option(False, help="re-run every stage"),
+        until: str | None = typer.Option(None, "--until", "-U", help="stop after this stage "
+                                         "(and what it needs), e.g. --until finetune")) -> None:
     """Run the pipeline with DVC (only what changed), after applying a preset and --set values."""
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides, preset_overrides
 
+    if until is not None and until not in (stages := _stage_names()):
+        _fail(f"--until {until}: no such stage; choose from {', '.join(stages)}")
     try:
         changes = (preset_overrides(preset) if preset else []) + (set_ or [])
         apply_overrides(Path("params.yaml"), changes)
     except ConfigError as err:
         _fail(str(err))
     command = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else [])
+    command += [until] if until else []
     if subprocess.run(command, env=_env()).returncode != 0:
         _fail("the pipeline failed: see the stage's error above")
+    if until and until != _stage_names()[-1]:
+        train = Path("reports/train/metrics.json")
+        if until == "finetune" and train.is_file():
+            console.print_json(train.read_text())
+        console.print(f"Stopped after {until}; the later stages did not run (see `dvc status`).")
+        return
     _results_summary()
 
 

@@ -9,31 +9,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from bit_core.config import Params
-from bit_core.om import OMError, compile_om
+from bit_core.om import OMError, compile_om, onnx_resolution
 from tasks.common import log, stage_main
-from tasks.finetune import CHECKPOINT
 
 
-def compile_stage(params: Params, onnx: Path, checkpoint_dir: Path, out: Path) -> dict:
-    """Compile `onnx` at the fine-tuned resolution for every configured batch size."""
+def compile_stage(params: Params, onnx: Path, out: Path) -> dict:
+    """Compile `onnx` at its input resolution for every configured batch size."""
     cfg = params.compile
-    checkpoint = torch.load(checkpoint_dir / CHECKPOINT, map_location="cpu", weights_only=True)
-    return compile_om(onnx, out, batch_sizes=cfg.batch_sizes, resolution=checkpoint["resolution"],
+    return compile_om(onnx, out, batch_sizes=cfg.batch_sizes, resolution=onnx_resolution(onnx),
                       soc_version=cfg.soc_version, dynamic_batch=cfg.dynamic_batch, atc=cfg.atc)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", type=Path, required=True, help="exported model.onnx")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="finetune output dir")
     parser.add_argument("--out", type=Path, required=True, help="directory for .om files")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Compile ONNX to OM with ATC (skipped with a reason when ATC is absent)."""
-    manifest = compile_stage(params, args.onnx, args.checkpoint, args.out)
+    manifest = compile_stage(params, args.onnx, args.out)
     if manifest["status"] == "skipped":
         log.info("OM compilation skipped: %s", manifest["reason"])
     else:

@@ -30,7 +30,7 @@ def fetch(cfg: DataConfig, out: Path, *, cache_dir: Path = DEFAULT_CACHE,
         with atomic_dir(out) as tmp:
             return materialize_digits(tmp)
     if cfg.source in CIFAR:
-        return materialize_cifar(cfg.source, out, url=cfg.url, archive=cfg.archive,
+        return materialize_cifar(cfg.source, out, url=cfg.url, archive=cfg.archive, md5=cfg.md5,
                                  cache_dir=cache_dir, progress=progress)
     if cfg.source == "imagefolder":
         if not cfg.folder:

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from bit_core.data import (ImageListDataset, eval_transform, read_classes, read_
 from bit_core.device import resolve_device
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.hyperrule import get_resolution
-from bit_core.io import atomic_path, atomic_write_json
+from bit_core.io import atomic_path, atomic_write, atomic_write_json
 from bit_core.plots import plot_loss
 from bit_core.train import Trainer
 from tasks import tracking
@@ -101,13 +102,19 @@ def _describe_resume_dir(resume_dir: Path) -> None:
                         "models/finetuned/.\n")
 
 
+# Train settings that change how a run is watched, stopped or executed, not what it computes:
+# a checkpoint written under other values of these still resumes.
+RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile"})
+
+
 def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> None:
     """Continue from an interrupted run's checkpoint when it was made by the same recipe."""
     if resume_file is None or not resume_file.is_file():
         return
     saved = torch.load(resume_file, map_location="cpu", weights_only=True)
-    same = saved.get("config") == trainer.cfg.model_dump() and all(
-        saved.get(key) == value for key, value in meta.items())
+    recipe = {k: v for k, v in trainer.cfg.model_dump().items() if k not in RESUME_NEUTRAL}
+    same = {k: v for k, v in saved.get("config", {}).items() if k not in RESUME_NEUTRAL} == recipe \
+        and all(saved.get(key) == value for key, value in meta.items())
     if not same:
         log.info("ignoring %s: it was written with other parameters", resume_file)
         return
@@ -167,7 +174,8 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         mlflow.log_params({**_flat_params(params), "plan.schedule": trainer.plan.schedule,
                            "plan.lr": trainer.plan.lr, "plan.mixup_alpha": trainer.plan.mixup_alpha,
                            "plan.precrop": precrop, "plan.resolution": crop,
-                           "plan.precision": trainer.precision, "plan.device": str(device),
+                           "plan.precision": trainer.precision, "plan.compile": trainer.compiled,
+                           "plan.device": str(device),
                            "plan.processes": world.size,
                            "data.train_images": len(train_set), "data.classes": len(classes)})
         resume_file = resume_dir / CHECKPOINT if resume_dir else None
@@ -181,7 +189,10 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         seconds = time.perf_counter() - start
         if resume_file is not None and world.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            os.replace(resume_file, out / CHECKPOINT)
+            if state.step < trainer.plan.steps:  # stopped early: the next run continues from it
+                atomic_write(out / CHECKPOINT, lambda tmp: shutil.copyfile(resume_file, tmp))
+            else:
+                os.replace(resume_file, out / CHECKPOINT)
         if not world.is_main:
             return {}
         steplog.flush()

@@ -29,21 +29,25 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory, repo_root):
+def copy_repo(repo_root: Path, repo: Path, overrides: list[str] = ()) -> Path:
     """The repository's tracked and unignored files, as a new git repo with one commit."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
                            check=True, capture_output=True, text=True).stdout.split()
-    repo = tmp_path_factory.mktemp("clone")
     for name in files:
         if (repo_root / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(repo_root / name, repo / name)
-    apply_overrides(repo / "params.yaml", TINY)
+    if overrides:
+        apply_overrides(repo / "params.yaml", list(overrides))
     _git(repo, "init", "-q", "-b", "main")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
     return repo
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, repo_root):
+    return copy_repo(repo_root, tmp_path_factory.mktemp("clone"), TINY)
 
 
 def _env(repo: Path) -> dict[str, str]:

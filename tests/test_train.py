@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from torch.utils.data import Dataset
 
 from bit_core import create_model
 from bit_core.config import TrainConfig
-from bit_core.train import Interrupted, Trainer, _StepBatches, make_plan
+from bit_core.device import DeviceError
+from bit_core.train import (Interrupted, Trainer, _StepBatches, compile_model, make_plan,
+                            resolve_compile)
 
 
 class Jittered(Dataset):
@@ -112,3 +116,58 @@ def test_sigterm_writes_checkpoint_then_resumes(tmp_path):
     resumed.load_state_dict(saved)
     resumed.fit()
     assert resumed.state.step == 6 and len(resumed.state.history) == 6
+
+
+def test_stop_after_ends_early_with_the_full_schedule_and_evaluates_there(tmp_path):
+    calls = []
+    trainer = _trainer(_cfg(stop_after=2, eval_every=100),
+                       evaluate=lambda model: calls.append(1) or {"val_top1": 50.0})
+    trainer.fit(tmp_path / "ckpt.pt")
+    assert trainer.state.step == 2 and trainer.plan.steps == 6
+    assert trainer.plan.schedule == [2, 4, 6]
+    assert [e["step"] for e in trainer.state.evals] == [2] and calls == [1]
+    # the stopped run continues to the same weights as one that never stopped
+    straight = _trainer(_cfg())
+    straight.fit()
+    resumed = _trainer(_cfg())
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    resumed.fit()
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(("setting", "device", "steps", "expected"), [
+    (None, "cpu", 10_000, True), (None, "cuda", 2_000, True), (None, "cpu", 300, False),
+    (None, "npu", 10_000, False), (True, "cpu", 10, True), (False, "cuda", 10_000, False)])
+def test_compile_is_chosen_for_long_runs(setting, device, steps, expected):
+    assert resolve_compile(setting, SimpleNamespace(type=device), steps) is expected
+
+
+def test_compile_on_npu_without_torchair_says_how_to_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchair", None)  # import fails, as where it is absent
+    with pytest.raises(DeviceError, match=r"needs TorchAir.*train.compile: false"):
+        compile_model(torch.nn.Linear(2, 2), SimpleNamespace(type="npu"))
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager():
+    curves = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(TinyNet(), Jittered(), _cfg(compile=flag), torch.device("cpu"))
+        assert trainer.compiled is flag
+        trainer.fit()
+        curves.append([r["loss"] for r in trainer.state.history])
+        keys = set(trainer.state_dict()["model"])
+        assert keys == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}  # no _orig_mod.
+    assert curves[0] == pytest.approx(curves[1], rel=1e-4, abs=1e-5)
