@@ -68,6 +68,11 @@ def headline(results: dict) -> list[dict]:
                 "ONNX Runtime / PyTorch eager fp32 (bit_core)",
                 "candidate (layer_norm WS) / bit_core eager fp32"):
             out.append({**r, "section": "infer"})
+    for r in sections.get("data", {}).get("ratios", []):
+        if r["workers"] == 0 and not r["cache"]:  # train.workers' default, every image decoded
+            out.append({**r, "section": "data"})
+    for r in sections.get("overhead", {}).get("ratios", []):
+        out.append({**r, "section": "overhead"})
     seen, unique = set(), []
     for r in out:
         key = (r["numerator"], r["denominator"], r.get("batch"), r["section"])
@@ -262,6 +267,93 @@ def _profile_md(title: str, prof: dict) -> str:
             + _table(["op", "self ms", "share", "calls"], rows))
 
 
+def _data_md(t: dict, machine: dict) -> str:
+    out = [f"## 5. Data loading against training ({t['model']} {t['precision']})\n",
+           f"Generated images with seeded random content, read through the project's path: "
+           "`bit_core.data.scan_folder`, `ImageListDataset` with `train_transform(precrop, crop, "
+           "flip)`, and the DataLoader `Trainer` iterates (`Trainer._loader`: `_SeededItems` "
+           "under the `_StepBatches` batch sampler, `train.workers` worker processes). Each "
+           "round builds a fresh loader, as every `Trainer.fit` does, and reads "
+           + ", ".join(f"{z['batches_per_round']} batches of {z['loader_batch']} ({z['name']})"
+                       for z in t["sizes"])
+           + ". *Loader images/s* are those of the steady part, the round's second half (a "
+           "training run keeps one loader for all its steps); *with start-up* counts the whole "
+           "round, worker start-up and first batches included (first batch s: the wait for "
+           "the first one). *decoded*: "
+           "`cache=False`, every image decoded, as in any epoch of a large data set; *cached*: "
+           "`cache=True`, decoded images kept in memory (filled before the loader starts), as "
+           "the fine-tune stage does for small data sets (`CACHE_LIMIT` in tasks/finetune.py) "
+           "from their second epoch on. Training: `Trainer.fit`, one step per round, on images "
+           "already transformed and held in memory. Loader rounds and training steps take turns; "
+           f"medians of {t['rounds']} rounds. **Headroom** = loader images/s ÷ training "
+           "images/s: above 1, loading produces images faster than training consumes them.\n"]
+    rows = []
+    for size in t["sizes"]:
+        train = size["train"]
+        source = "×".join(str(v) for v in size["source"])
+        for r in size["loaders"]:
+            ratio = _find(t["ratios"], numerator=f"loader {r['name']}")
+            rows.append([size["name"], f"{size['format']} {source}, {size['mean_file_kb']:.1f} kB",
+                         f"{size['precrop']} / {size['crop']}", r["workers"],
+                         "cached" if r["cache"] else "decoded", r["img_s"], r["round_img_s"],
+                         r["first_batch_s"],
+                         f"{train['img_s']:.2f} (batch {train['batch']})",
+                         _ratio_text(ratio) if ratio else _f(r["headroom"])])
+    out.append(_table(["size", "source images (w×h, mean file)", "precrop / crop", "workers",
+                       "mode", "loader images/s", "with start-up", "first batch s",
+                       "training images/s",
+                       "headroom"], rows) + "\n")
+    for size in t["sizes"]:
+        serial = _find(size["loaders"], workers=0, cache=False)
+        if serial:
+            out.append(f"- {size['name']} ({size['crop']} px): with `train.workers: 0` the "
+                       f"loading runs inside each step, adding 1/headroom = "
+                       f"{_pct(1 / serial['headroom'])} to the step time of "
+                       f"{size['train']['batch'] / size['train']['img_s']:.2f} s (batch "
+                       f"{size['train']['batch']}).")
+    cores = machine.get("usable_cores")
+    out.append(f"\nEach figure is measured alone. This machine has {cores} usable cores and "
+               f"torch runs {t['torch_threads']} intra-op threads: with `train.workers` ≥ 1 the "
+               "loader processes share those cores with the training step's threads, so during "
+               "training they take CPU time from it rather than adding cores (with 0 workers the "
+               "loading is serial inside the step, see above).\n")
+    return "\n".join(out)
+
+
+def _overhead_md(t: dict) -> str:
+    d, p = t["dvc"], t["prefect"]
+    out = ["## 6. Pipeline overhead (DVC, Prefect)\n",
+           f"**DVC** — a temporary git + DVC repository with {len(d['stages'])} trivial stages "
+           f"({' → '.join(d['stages'])}, each a `python -c` writing a small file). The first "
+           f"`dvc repro` ran {d['first_repro_ran']} stages in {d['first_repro_s']:.2f} s; then "
+           f"median of {t['rounds']} interleaved rounds (`dvc repro` and `dvc status` reported "
+           "\"Data and pipelines are up to date.\" and ran no stage, every time):\n"]
+    rows = [[r["name"], f"`{r['command']}`", r["median_s"], f"{r['min_s']:.3f}–{r['max_s']:.3f}"]
+            for r in d["commands"]]
+    out.append(_table(["what", "command", "median s", "min–max s"], rows) + "\n")
+    out.append(f"**Prefect** — inside `prefect_test_harness` (a temporary Prefect server, up in "
+               f"{p['harness_start_s']:.1f} s), as the project's tests run the flow; each flow ran "
+               f"once first (registration), then median of {t['rounds']} interleaved rounds. The "
+               f"last variant is the real flow's stage task, `flows.pipeline.run_stage`, over the "
+               f"stages above (each a no-op `dvc repro --single-item`, its output streamed into "
+               f"the run's log), as `bit-finetune` runs one per stage.\n")
+    rows = [[r["name"], r["median_s"], f"{r['min_s']:.3f}–{r['max_s']:.3f}",
+             _f(r["first_run_s"])] for r in p["variants"]]
+    out.append(_table(["variant", "median s", "min–max s", "first run s"], rows) + "\n")
+    out.append(f"- {p['tasks']} trivial tasks: the flow costs {p['subprocess_overhead_s']:+.2f} s "
+               f"over the plain loop ({1e3 * p['subprocess_overhead_per_task_s']:+.0f} ms per "
+               f"task); a flow run with no task takes {p['flow_run_s']:.2f} s, leaving "
+               f"{1e3 * p['task_overhead_s']:+.0f} ms per task (differences of medians: a few "
+               "tens of ms either way are noise).\n"
+               f"- {len(p['stages'])} no-op DVC stages through `run_stage`: "
+               f"{p['stage_overhead_s']:+.2f} s over running the same `dvc repro --single-item` "
+               f"commands in a loop ({1e3 * p['stage_overhead_per_stage_s']:+.0f} ms per stage; "
+               f"{1e3 * p['stage_task_overhead_s']:+.0f} ms per stage beyond the flow run).\n")
+    out.append(_table(["ratio", "value"], [[r["name"], _ratio_text(r)] for r in t["ratios"]])
+               + "\n")
+    return "\n".join(out)
+
+
 def markdown(results: dict) -> str:
     s = results["sections"]
     settings = results["settings"]
@@ -276,7 +368,7 @@ def markdown(results: dict) -> str:
             f"{k}: {v.splitlines()[-1]}" for k, v in results["errors"].items()) + "\n")
 
     out.append("## Headline ratios\n")
-    units = {"img_s": "images/s", "calls_per_s": "calls/s"}
+    units = {"img_s": "images/s", "calls_per_s": "calls/s", "s": "s (wall time)"}
     rows = [[h["section"], h["name"], _ratio_text(h),
              f"{_f(h['numerator_value'])} / {_f(h['denominator_value'])} "
              f"{units.get(h['metric'], h['metric'])}",
@@ -406,6 +498,11 @@ def markdown(results: dict) -> str:
         out.append(_table(["model", "params (M)", "weights MB (fp32)",
                            f"GFLOP / image @{t['models'][0]['resolution']} px",
                            "ms / image (timed)", "GFLOP/s"], rows) + "\n")
+
+    if "data" in s:
+        out.append(_data_md(s["data"], results["machine"]))
+    if "overhead" in s:
+        out.append(_overhead_md(s["overhead"]))
 
     profiles = {**{f"training step, {k}": v for k, v in s.get("train", {}).get(
         "profiles", {}).items()}, **{f"inference, {k}": v for k, v in s.get("infer", {}).get(

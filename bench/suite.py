@@ -14,7 +14,8 @@ from pathlib import Path
 from bench import SECTIONS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-ALIASES = {"training": "train", "inference": "infer", "gflops": "flops", "compute": "flops"}
+ALIASES = {"training": "train", "inference": "infer", "gflops": "flops", "compute": "flops",
+           "loading": "data", "dataload": "data", "pipeline": "overhead"}
 
 
 @dataclass
@@ -37,6 +38,20 @@ class Settings:
     scaling_models: int = 2
     scaling_warmup: int = 1
     scaling_repeats: int = 3
+    # Data loading: source images (width, height) and format, BiT precrop / crop, loader
+    # batches per round, the training batch measured at that crop, and the cache modes of
+    # ImageListDataset to measure.
+    data_sizes: dict[str, dict] = field(default_factory=lambda: {
+        "CIFAR-10": {"source": (32, 32), "format": "PNG", "precrop": 160, "crop": 128,
+                     "batches": 24, "train_batch": 32, "cache": (False, True)},
+        "ImageNet": {"source": (400, 350), "format": "JPEG", "precrop": 512, "crop": 480,
+                     "batches": 8, "train_batch": 4, "cache": (False,)}})
+    data_images: int = 256  # generated per size
+    data_batch: int = 32  # loader batch (train.batch / batch_split)
+    data_repeats: int = 3
+    data_workers: tuple[int, ...] = (0, 1, 2)  # main() sets 0, 1, 2 and the usable cores
+    overhead_tasks: int = 5  # Prefect tasks (one trivial subprocess each) in the timed flow
+    overhead_repeats: int = 3
     compile: bool = True
     compile_precision: str = "fp32"
     compile_timeout: float = 240.0
@@ -51,7 +66,15 @@ def quick_settings(base: Settings) -> Settings:
                    infer_batches=(1, 4), infer_repeats={1: 1, 4: 1}, infer_warmup={1: 0, 4: 0},
                    gemm_sizes=(256, 512), gemm_repeats=2, scaling_batches=(1, 2),
                    scaling_resolutions=(32, 64), scaling_resolution_batch=2, scaling_models=1,
-                   scaling_warmup=0, scaling_repeats=1, compile=False, profile=True)
+                   scaling_warmup=0, scaling_repeats=1, compile=False, profile=True,
+                   data_sizes={
+                       "CIFAR-10": {**base.data_sizes["CIFAR-10"], "batches": 8,
+                                    "train_batch": 4},
+                       "ImageNet": {**base.data_sizes["ImageNet"], "source": (200, 175),
+                                    "precrop": 256, "crop": 224, "batches": 4,
+                                    "train_batch": 2}},
+                   data_images=32, data_batch=8, data_repeats=2, overhead_tasks=2,
+                   overhead_repeats=1)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only before torch loads
     import torch
 
-    from bench import compute, inference, machine, scaling, training
+    from bench import compute, dataload, inference, machine, overhead, scaling, training
 
     threads = args.threads or machine.usable_cores()
     torch.set_num_threads(threads)
     settings = Settings(threads=threads, compile=not args.no_compile,
                         compile_timeout=args.compile_timeout, profile=not args.no_profile,
                         sections=args.sections,
+                        data_workers=dataload.worker_counts(machine.usable_cores()),
                         # bf16 only pays where AMX makes bf16 GEMMs fast; elsewhere fp32 is faster.
                         compile_precision="bf16" if machine.has_amx() else "fp32")
     if args.quick:
@@ -151,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"train": lambda: training.run(settings, log),
                "infer": lambda: inference.run(settings, log),
                "flops": lambda: compute.run(settings, log, results["sections"], gemm_runs),
-               "scaling": lambda: scaling.run(settings, log)}
+               "scaling": lambda: scaling.run(settings, log),
+               "data": lambda: dataload.run(settings, log),
+               "overhead": lambda: overhead.run(settings, log)}
     gemm_runs: list[dict] = []
     for name in settings.sections:
         t0 = time.perf_counter()
