@@ -31,7 +31,7 @@ TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
 BIT_FP32 = "bit_core eager fp32"
 TIMM_FP32 = "timm eager fp32"
 ORT = "ONNX Runtime fp32"
-ORT_NOSPIN = "ONNX Runtime fp32, no spin-wait"
+ORT_SPIN = "ONNX Runtime fp32, spin-wait"
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,6 @@ def _batch(batch: int, resolution: int, seed: int = 0) -> np.ndarray:
     """The batch measure_speed times (same generator and seed)."""
     x = np.random.default_rng(seed).uniform(-1, 1, (batch, 3, resolution, resolution))
     return x.astype(np.float32)
-
-
-def _ort_session_without_spinning(path: Path, threads: int):
-    """Like bit_core.export.onnx_session, but idle intra-op threads sleep instead of spinning."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def compiled_predictor(folded: torch.nn.Module, precision: str) -> Callable:
@@ -111,8 +99,8 @@ def build(settings, scratch: Path, log) -> tuple[dict[str, InferVariant], dict[s
     specs += [
         (InferVariant(ORT, "onnxruntime", folded=True),
          lambda: onnx_predictor(onnx_session(onnx_path, settings.threads))),
-        (InferVariant(ORT_NOSPIN, "onnxruntime", folded=True),
-         lambda: onnx_predictor(_ort_session_without_spinning(onnx_path, settings.threads))),
+        (InferVariant(ORT_SPIN, "onnxruntime", folded=True),
+         lambda: onnx_predictor(onnx_session(onnx_path, settings.threads, spinning=True))),
     ]
     return {v.name: v for v, _ in specs}, {v.name: make() for v, make in specs}
 
@@ -205,8 +193,8 @@ def run(settings, log) -> dict:
                        batch, s),
                 _ratio("ONNX Runtime / PyTorch eager fp32 (bit_core)", rows, ORT, BIT_FP32,
                        batch, s),
-                _ratio("ONNX Runtime no spin-wait / PyTorch eager fp32 (bit_core)", rows,
-                       ORT_NOSPIN, BIT_FP32, batch, s),
+                _ratio("ONNX Runtime spin-wait / PyTorch eager fp32 (bit_core)", rows,
+                       ORT_SPIN, BIT_FP32, batch, s),
                 _ratio("ONNX Runtime / bit_core folded fp32 (same graph in PyTorch)", rows, ORT,
                        "bit_core folded fp32", batch, s),
                 _ratio("bit_core folded / bit_core eager fp32", rows, "bit_core folded fp32",
