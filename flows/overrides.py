@@ -43,6 +43,21 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
+def _flow(value):
+    """Lists and mappings written inline (``[30, 200]``), like the hand-written file."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, list):
+        seq = CommentedSeq(_flow(v) for v in value)
+        seq.fa.set_flow_style()
+        return seq
+    if isinstance(value, dict):
+        mapping = CommentedMap((k, _flow(v)) for k, v in value.items())
+        mapping.fa.set_flow_style()
+        return mapping
+    return value
+
+
 def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
     """Set each ``section.key=value`` in params.yaml; validate; write atomically; return params."""
     from bit_core.config import load_params
@@ -53,6 +68,8 @@ def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
         return load_params(path)
     rt = YAML()
     rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar(
+        "tag:yaml.org,2002:null", "null"))  # `key: null`, as written by hand, not `key:`
     doc = rt.load(path.read_text())
     for text in overrides:
         keys, value = parse_override(text)
@@ -61,7 +78,7 @@ def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
             if key not in node or not hasattr(node[key], "__setitem__"):
                 raise ConfigError(f"override {text!r}: no section {key!r} in {path}")
             node = node[key]
-        node[keys[-1]] = value
+        node[keys[-1]] = _flow(value)
     buffer = io.StringIO()
     rt.dump(doc, buffer)
     params = parse_params(yaml.safe_load(buffer.getvalue()), str(path))
