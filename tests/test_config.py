@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -56,6 +58,18 @@ def test_overrides_keep_comments_and_validate(params_file):
     text = params_file.read_text()
     assert "# The only configuration of the pipeline." in text
     assert load_params(params_file).train.batch == 64
+
+
+def test_overrides_write_the_file_as_a_person_would(params_file):
+    before = params_file.read_text().splitlines()
+    apply_overrides(params_file, ["train.schedule=[5, 10]", "train.mixup_alpha=null",
+                                  "train.stop_after=3"])
+    after = params_file.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 2, changed
+    assert any(re.match(r"  schedule: \[5, 10\] +# warm-up", b) for _, b in changed)
+    assert any(re.match(r"  stop_after: 3 +# ", b) for _, b in changed)
+    assert any(re.match(r"  mixup_alpha: null +# ", line) for line in after)
 
 
 @pytest.mark.parametrize("override, message", [
