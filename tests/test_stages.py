@@ -189,3 +189,27 @@ def test_interrupted_finetune_resumes_from_persisted_checkpoint(pipeline, tmp_pa
     resumed = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
     assert resumed["step"] == 2 and resumed["history"][0]["loss"] == 123.0
     assert not (resume / "checkpoint.pt").exists()
+
+
+def test_a_smoke_run_stops_early_and_a_full_run_continues_it(pipeline, tmp_path):
+    """train.stop_after leaves its checkpoint for the next run, which resumes although
+    stop_after (a setting that changes nothing computed) now differs."""
+    from bit_core.config import load_params
+    from tasks.finetune import finetune
+
+    work = pipeline[0]
+    params = load_params(work / "params.yaml")
+    smoke = params.model_copy(update={"train": params.train.model_copy(update={"stop_after": 1})})
+    resume = tmp_path / "resume"
+    args = (work / "data/raw", work / "data/prepared", work / "models/pretrained",
+            tmp_path / "out", tmp_path / "rep")
+    finetune(smoke, *args, resume_dir=resume)
+    first = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+    assert first["step"] == 1 and (resume / "checkpoint.pt").is_file()
+    left = torch.load(resume / "checkpoint.pt", weights_only=True)
+    left["history"][0]["loss"] = 123.0  # a fresh start could not produce this
+    torch.save(left, resume / "checkpoint.pt")
+    finetune(params, *args, resume_dir=resume)
+    full = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+    assert full["step"] == 2 and full["history"][0]["loss"] == 123.0
+    assert not (resume / "checkpoint.pt").exists()
