@@ -6,7 +6,6 @@ Pure of the MLOps stack (no DVC, Prefect or MLflow): usable from a notebook as i
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:

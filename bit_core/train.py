@@ -223,10 +223,13 @@ class Trainer:
                                          **optimizer_kernel(self.device))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
-        run_steps = min(self.cfg.stop_after or self.plan.steps, self.plan.steps)
-        self.compiled = resolve_compile(self.cfg.compile, self.device, run_steps)
+        self.compiled = resolve_compile(self.cfg.compile, self.device, self._end())
         # Checkpoints and evaluation use self.model; only the training forward is compiled.
         self._net = compile_model(self.model, self.device) if self.compiled else self.model
+
+    def _end(self, until: int | None = None) -> int:
+        """The step a fit stops at: `until`, else cfg.stop_after, within the schedule."""
+        return min(until or self.cfg.stop_after or self.plan.steps, self.plan.steps)
 
     def state_dict(self) -> dict:
         """A self-describing checkpoint of the run so far."""
@@ -295,9 +298,7 @@ class Trainer:
         Evaluates every cfg.eval_every steps and at `until`; checkpoints every
         cfg.checkpoint_every steps, on SIGINT/SIGTERM, and at the end.
         """
-        until = until or self.cfg.stop_after or self.plan.steps
-        until = min(until, self.plan.steps)
-        self._until = until
+        until = self._until = self._end(until)
         accumulate = self.cfg.batch // self.plan.micro_batch
         memory_format = torch.channels_last if self._channels_last() else torch.contiguous_format
         self._memory_format = memory_format

@@ -114,7 +114,8 @@ def run(set_: SetOption = None,
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides, preset_overrides
 
-    if until is not None and until not in (stages := _stage_names()):
+    stages = _stage_names() if until else []
+    if until is not None and until not in stages:
         _fail(f"--until {until}: no such stage; choose from {', '.join(stages)}")
     try:
         changes = (preset_overrides(preset) if preset else []) + (set_ or [])
@@ -125,7 +126,7 @@ def run(set_: SetOption = None,
     command += [until] if until else []
     if subprocess.run(command, env=_env()).returncode != 0:
         _fail("the pipeline failed: see the stage's error above")
-    if until and until != _stage_names()[-1]:
+    if until and until != stages[-1]:
         train = Path("reports/train/metrics.json")
         if until == "finetune" and train.is_file():
             console.print_json(train.read_text())
