@@ -15,7 +15,6 @@ Tools used (all from the CANN toolkit, usually put on PATH by
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import re
@@ -27,10 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bit_core.io import atomic_write_json
+from bit_core.contracts import OM_MANIFEST, OMBuild, OMManifest, OMStatus
+from bit_core.download import file_digest
 
 SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
-MANIFEST = "manifest.json"
 DYNAMIC_NAME = "dynamic"
 SOC_PLACEHOLDER = "<soc_version>"
 AIS_BENCH_HINT = ("pip install the aclruntime and ais_bench wheels from "
@@ -197,15 +196,6 @@ def atc_command(onnx: Path, output_stem: Path, *, batch: int | None, resolution:
             f"--soc_version={soc_version}", "--log=error"]
 
 
-def _sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tail(text: str) -> str:
     """The last non-empty lines of `text`, joined into one line."""
     lines = [line.strip() for line in _ANSI.sub("", text or "").splitlines() if line.strip()]
@@ -268,10 +258,10 @@ def _clear_outputs(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.om"):
         stale.unlink()
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / OM_MANIFEST).unlink(missing_ok=True)
 
 
-def _run_atc(build: dict[str, Any], runner: Runner, workdir: str) -> dict[str, Any]:
+def _run_atc(build: dict[str, Any], runner: Runner, workdir: str) -> OMBuild:
     """Run one ATC build and describe the file it produced."""
     name = build["name"]
     try:
@@ -286,9 +276,9 @@ def _run_atc(build: dict[str, Any], runner: Runner, workdir: str) -> dict[str, A
     if produced is None:
         raise OMError(f"ATC exited 0 but wrote no {build['stem']}.om: check ATC's log "
                       "(~/ascend/log) and disk space")
-    return {"name": name, "batch": build["batch"], "dynamic_batches": build["dynamic_batches"],
-            "file": produced.name, "command": build["command"],
-            "size_bytes": produced.stat().st_size, "sha256": _sha256(produced)}
+    return OMBuild(name=name, batch=build["batch"], dynamic_batches=build["dynamic_batches"],
+                   file=produced.name, command=build["command"],
+                   size_bytes=produced.stat().st_size, sha256=file_digest(produced))
 
 
 def onnx_resolution(onnx: Path) -> int:
@@ -308,7 +298,7 @@ def onnx_resolution(onnx: Path) -> int:
 
 def compile_om(onnx: Path, out_dir: Path, *, batch_sizes: list[int], resolution: int,
                soc_version: str | None, dynamic_batch: bool, atc: str = "atc",
-               runner: Runner = subprocess.run, input_name: str = "image") -> dict[str, Any]:
+               runner: Runner = subprocess.run, input_name: str = "image") -> OMManifest:
     """Compile `onnx` to one OM per batch size (``bsN.om``) and optionally a dynamic-batch OM.
 
     Writes ``out_dir/manifest.json`` atomically at the end. Without ATC nothing is compiled:
@@ -348,36 +338,34 @@ def compile_om(onnx: Path, out_dir: Path, *, batch_sizes: list[int], resolution:
                    env["atc"])
     with tempfile.TemporaryDirectory(prefix="atc-") as workdir:  # ATC litters its cwd
         models = [_run_atc(build, runner, workdir) for build in builds]
-    manifest = _manifest("ok", None, onnx, resolution, soc, dynamic_batch, batch_sizes,
-                         input_name, builds, env)
-    manifest["models"] = models
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    manifest = _manifest(OMStatus.BUILT, None, onnx, resolution, soc, dynamic_batch,
+                         batch_sizes, input_name, builds, env, models)
+    manifest.write(out_dir / OM_MANIFEST)
     return manifest
 
 
 def _skip(onnx: Path, out_dir: Path, batch_sizes: list[int], resolution: int,
           soc_version: str | None, dynamic_batch: bool, input_name: str, atc: str,
-          env: dict[str, Any]) -> dict[str, Any]:
+          env: dict[str, Any]) -> OMManifest:
     """Write and return the ``skipped`` manifest listing the would-be ATC commands."""
     soc_version = soc_version or detect_soc_version()  # npu-smi may exist without the toolkit
     builds = _plan(onnx, out_dir, batch_sizes, resolution, soc_version or SOC_PLACEHOLDER,
                    dynamic_batch, input_name, atc)
-    manifest = _manifest("skipped", env["missing"], onnx, resolution, soc_version,
-                         dynamic_batch, batch_sizes, input_name, builds, env)
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    manifest = _manifest(OMStatus.SKIPPED, env["missing"], onnx, resolution, soc_version,
+                         dynamic_batch, batch_sizes, input_name, builds, env, [])
+    manifest.write(out_dir / OM_MANIFEST)
     return manifest
 
 
-def _manifest(status: str, reason: str | None, onnx: Path, resolution: int,
+def _manifest(status: OMStatus, reason: str | None, onnx: Path, resolution: int,
               soc_version: str | None, dynamic_batch: bool, batch_sizes: list[int],
-              input_name: str, builds: list[dict[str, Any]],
-              env: dict[str, Any]) -> dict[str, Any]:
-    """The manifest fields shared by compiled and skipped runs."""
-    return {"status": status, "reason": reason, "onnx": str(onnx),
-            "onnx_sha256": _sha256(onnx), "resolution": resolution, "input_name": input_name,
-            "soc_version": soc_version, "batch_sizes": list(batch_sizes),
-            "dynamic_batch": dynamic_batch, "commands": [b["command"] for b in builds],
-            "models": [], "environment": env}
+              input_name: str, builds: list[dict[str, Any]], env: dict[str, Any],
+              models: list[OMBuild]) -> OMManifest:
+    """The manifest of a compiled or skipped run."""
+    return OMManifest(status=status, reason=reason, onnx=str(onnx), onnx_sha256=file_digest(onnx),
+                      resolution=resolution, input_name=input_name, soc_version=soc_version,
+                      batch_sizes=list(batch_sizes), dynamic_batch=dynamic_batch,
+                      commands=[b["command"] for b in builds], models=models, environment=env)
 
 
 # --- ais_bench ---------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import argparse
 from pathlib import Path
 
 from bit_core.config import Params
+from bit_core.contracts import OMManifest, OMStatus
 from bit_core.om import OMError, compile_om, onnx_resolution
 from tasks.common import log, stage_main
 
 
-def compile_stage(params: Params, onnx: Path, out: Path) -> dict:
+def compile_stage(params: Params, onnx: Path, out: Path) -> OMManifest:
     """Compile `onnx` at its input resolution for every configured batch size."""
     cfg = params.compile
     return compile_om(onnx, out, batch_sizes=cfg.batch_sizes, resolution=onnx_resolution(onnx),
@@ -29,10 +30,10 @@ def _args(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Compile ONNX to OM with ATC (skipped with a reason when ATC is absent)."""
     manifest = compile_stage(params, args.onnx, args.out)
-    if manifest["status"] == "skipped":
-        log.info("OM compilation skipped: %s", manifest["reason"])
+    if manifest.status is OMStatus.SKIPPED:
+        log.info("OM compilation skipped: %s", manifest.reason)
     else:
-        log.info("built %d OM model(s) in %s", len(manifest["models"]), args.out)
+        log.info("built %d OM model(s) in %s", len(manifest.models), args.out)
 
 
 def main(argv=None) -> int:

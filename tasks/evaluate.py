@@ -14,18 +14,18 @@ from torch.utils.data import DataLoader
 
 from bit_core import fold_weight_standardization
 from bit_core.config import Params
+from bit_core.contracts import CHECKPOINT, OM_MANIFEST, OMManifest, OMStatus
 from bit_core.data import ImageListDataset, eval_transform, read_classes, read_split
 from bit_core.device import resolve_device
 from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,
                                topk_accuracy, torch_predictor)
 from bit_core.export import ParityError, onnx_session
 from bit_core.io import atomic_write_json, atomic_write_text
-from bit_core.om import read_ais_outputs, run_ais_bench
+from bit_core.om import AIS_BENCH_HINT, read_ais_outputs, run_ais_bench
 from bit_core.plots import plot_confusion, plot_fps
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
-from tasks.finetune import CHECKPOINT
 
 TOP1_TOLERANCE_PP = 0.1  # ONNX Runtime must agree with PyTorch fp32 to this many points
 
@@ -53,15 +53,14 @@ def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratc
 
     Returns (accuracy or None, speed rows, reason when skipped).
     """
-    manifest_path = om_dir / "manifest.json"
-    if not manifest_path.is_file():
-        return None, [], f"no OM manifest in {om_dir}: run the compile_om stage"
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("status") != "built":
-        return None, [], manifest.get("reason") or "OM models were not built"
+    manifest = OMManifest.read(om_dir / OM_MANIFEST, "compile_om")
+    if manifest.status is OMStatus.SKIPPED:
+        return None, [], manifest.reason
     if importlib.util.find_spec("ais_bench") is None:
-        return None, [], "ais_bench is not installed: install it from the ais_bench tools on the Ascend host"
-    static = {m["batch"]: om_dir / m["file"] for m in manifest["models"] if m.get("batch")}
+        return None, [], f"ais_bench is not installed: {AIS_BENCH_HINT}"
+    static = manifest.static_models(om_dir)
+    if not static:
+        return None, [], "only a dynamic-batch OM was built: add static batch sizes to compile"
     speed = []
     for batch, om in sorted(static.items()):
         bench = run_ais_bench(om, batch=batch, loop=max(cfg.repeats, 10),
@@ -167,6 +166,9 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
                                 for k, v in metrics.items() if not isinstance(v, str)})
             for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
                 mlflow.log_artifact(str(out / name), "evaluation")
+            for path in (om_dir / OM_MANIFEST, *sorted(om_dir.glob("*.om"))):
+                if path.is_file():
+                    mlflow.log_artifact(str(path), "om")
     print(table)
     return metrics
 

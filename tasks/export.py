@@ -8,15 +8,13 @@ from pathlib import Path
 import torch
 
 from bit_core.config import Params
+from bit_core.contracts import CHECKPOINT, ONNX_FILE
 from bit_core.data import ImageListDataset, eval_transform, read_split
 from bit_core.export import check_parity, export_onnx, op_types
 from bit_core.io import atomic_write_json
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
-from tasks.finetune import CHECKPOINT
-
-MODEL_FILE = "model.onnx"
 
 
 def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8) -> torch.Tensor:
@@ -32,7 +30,7 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
     cfg = params.export
     model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
     resolution = checkpoint["resolution"]
-    path = export_onnx(model, out / MODEL_FILE, resolution=resolution, opset=cfg.opset,
+    path = export_onnx(model, out / ONNX_FILE, resolution=resolution, opset=cfg.opset,
                        simplify=cfg.simplify)
     parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
                           atol=cfg.atol, real_images=real_batch(data_root, splits, resolution))
@@ -57,7 +55,7 @@ def _args(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Export to ONNX and check parity on ONNX Runtime."""
     result = export(params, args.checkpoint, args.data, args.splits, args.out, args.report)
-    log.info("exported %s: max |onnx - torch| = %.2e", args.out / MODEL_FILE,
+    log.info("exported %s: max |onnx - torch| = %.2e", args.out / ONNX_FILE,
              result["max_abs_diff"])
 
 

@@ -8,13 +8,11 @@ import shutil
 from pathlib import Path
 
 from bit_core.config import Params
+from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.download import file_digest
 from bit_core.io import atomic_dir, atomic_write_json
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
-
-WEIGHTS_FILE, SOURCE_FILE = "weights.npz", "source.json"
-
 
 def _place(src: Path, dst: Path) -> None:
     try:
@@ -39,7 +37,7 @@ def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
                 record["path"] = str(src)
             _place(src, tmp / WEIGHTS_FILE)
             record["sha256"] = file_digest(tmp / WEIGHTS_FILE)
-        atomic_write_json(tmp / SOURCE_FILE, record)
+        atomic_write_json(tmp / WEIGHTS_SOURCE, record)
     return record
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from bit_core import create_model, distributed
 from bit_core.config import Params
+from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE
 from bit_core.data import (ImageListDataset, eval_transform, read_classes, read_split,
                            train_transform)
 from bit_core.device import resolve_device
@@ -27,9 +28,7 @@ from bit_core.plots import plot_loss
 from bit_core.train import Trainer
 from tasks import tracking
 from tasks.common import log, read_params, stage_main
-from tasks.fetch_weights import WEIGHTS_FILE
 
-CHECKPOINT = "checkpoint.pt"
 CACHE_LIMIT = 100_000  # keep decoded images in memory for data sets up to this size
 
 

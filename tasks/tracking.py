@@ -16,8 +16,7 @@ from pathlib import Path
 
 import yaml
 
-RUN_FILE = "mlflow_run.json"
-
+from bit_core.contracts import MLFLOW_RUN
 
 def configure() -> str:
     """Telemetry off; default store sqlite:///mlflow.db in the working directory (repo root)."""
@@ -63,12 +62,12 @@ def start_run(experiment: str, run_name: str | None = None) -> str:
 def write_run_file(directory: Path, run_id: str) -> None:
     from bit_core.io import atomic_write_json
 
-    atomic_write_json(Path(directory) / RUN_FILE,
+    atomic_write_json(Path(directory) / MLFLOW_RUN,
                       {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")})
 
 
 def read_run_id(directory: Path) -> str | None:
-    path = Path(directory) / RUN_FILE
+    path = Path(directory) / MLFLOW_RUN
     return json.loads(path.read_text())["run_id"] if path.is_file() else None
 
 

@@ -276,7 +276,7 @@ def test_compile_om_runs_atc_per_batch_and_writes_manifest(fake_atc: Path, clean
     out.mkdir()
     (out / "bs2.om").write_bytes(b"stale")
     manifest = compile_om(onnx_file, out, batch_sizes=BATCHES, resolution=RES,
-                          soc_version="Ascend310P3", dynamic_batch=True)
+                          soc_version="Ascend310P3", dynamic_batch=True).model_dump(mode="json")
 
     atc = str(clean_env / "atc")
     expected = [_static(atc, onnx_file, out, b) for b in BATCHES] + [_dynamic(atc, onnx_file, out)]
@@ -287,7 +287,7 @@ def test_compile_om_runs_atc_per_batch_and_writes_manifest(fake_atc: Path, clean
         [f"bs{b}.om" for b in BATCHES] + ["dynamic.om", "manifest.json"])
 
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    assert manifest["status"] == "ok" and manifest["reason"] is None
+    assert manifest["status"] == "built" and manifest["reason"] is None
     assert manifest["soc_version"] == "Ascend310P3" and manifest["resolution"] == RES
     assert manifest["onnx"] == str(onnx_file)
     assert manifest["onnx_sha256"] == hashlib.sha256(onnx_file.read_bytes()).hexdigest()
@@ -310,7 +310,7 @@ def test_compile_om_detects_soc_and_finds_platform_suffixed_files(
     monkeypatch.setenv("FAKE_ATC_SUFFIX", "_linux_aarch64")
     out = tmp_path / "om"
     manifest = compile_om(onnx_file, out, batch_sizes=[1, 16], resolution=RES, soc_version=None,
-                          dynamic_batch=False)
+                          dynamic_batch=False).model_dump(mode="json")
     assert manifest["soc_version"] == "Ascend910B3"
     assert all(cmd[-2] == "--soc_version=Ascend910B3" for cmd in manifest["commands"])
     assert [m["file"] for m in manifest["models"]] == ["bs1_linux_aarch64.om",
@@ -349,7 +349,7 @@ def test_compile_om_skips_without_atc(clean_env: Path, onnx_file: Path, tmp_path
     out.mkdir()
     (out / "bs1.om").write_bytes(b"stale")
     manifest = compile_om(onnx_file, out, batch_sizes=BATCHES, resolution=RES,
-                          soc_version="Ascend310P3", dynamic_batch=True)
+                          soc_version="Ascend310P3", dynamic_batch=True).model_dump(mode="json")
     assert manifest["status"] == "skipped"
     assert manifest["reason"].startswith("atc not found on PATH: ")
     assert manifest["commands"] == ([_static("atc", onnx_file, out, b) for b in BATCHES]
@@ -362,7 +362,7 @@ def test_compile_om_skips_without_atc(clean_env: Path, onnx_file: Path, tmp_path
 def test_compile_om_skipped_without_soc_uses_placeholder(clean_env: Path, onnx_file: Path,
                                                          tmp_path: Path) -> None:
     manifest = compile_om(onnx_file, tmp_path / "om", batch_sizes=[1], resolution=RES,
-                          soc_version=None, dynamic_batch=False)
+                          soc_version=None, dynamic_batch=False).model_dump(mode="json")
     assert manifest["status"] == "skipped" and manifest["soc_version"] is None
     assert "--soc_version=<soc_version>" in manifest["commands"][0]
 

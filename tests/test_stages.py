@@ -213,3 +213,46 @@ def test_a_smoke_run_stops_early_and_a_full_run_continues_it(pipeline, tmp_path)
     full = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
     assert full["step"] == 2 and full["history"][0]["loss"] == 123.0
     assert not (resume / "checkpoint.pt").exists()
+
+
+ASCEND_TOOLS = Path(__file__).parent / "ascend_tools"
+
+
+def test_om_models_reach_the_evaluation(pipeline, tmp_path, monkeypatch):
+    """compile_om then evaluate with ATC and ais_bench present (stand-ins with the real tools'
+    command lines, file naming and output formats): the OM row has accuracy and images/s per
+    batch size in fps.md, metrics.json and the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    work = pipeline[0]
+    monkeypatch.setenv("PATH", f"{ASCEND_TOOLS}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(ASCEND_TOOLS), os.environ.get("PYTHONPATH")])))
+    monkeypatch.syspath_prepend(str(ASCEND_TOOLS))
+    params = tmp_path / "params.yaml"
+    params.write_text((work / "params.yaml").read_text())
+    apply_overrides(params, ["compile.soc_version=Ascend310P3"])
+    monkeypatch.setenv("BIT_PARAMS", str(params))
+    om, out = tmp_path / "om", tmp_path / "eval"
+    assert _stage("compile_om", "--onnx", "models/onnx/model.onnx", "--out", str(om)) == 0
+    manifest = json.loads((om / "manifest.json").read_text())
+    assert manifest["status"] == "built" and len(manifest["models"]) == 2
+    assert _stage("evaluate", "--checkpoint", "models/finetuned", "--onnx", "models/onnx/model.onnx",
+                  "--om", str(om), "--data", "data/raw", "--splits", "data/prepared",
+                  "--out", str(out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["om_skipped"] == ""
+    assert metrics["om_top1"] == metrics["onnxruntime_top1"]  # the same graph behind both
+    assert metrics["om_fps_bs1"] > 0 and metrics["om_fps_bs4"] > 0
+    table = (out / "fps.md").read_text()
+    assert f"| om | {metrics['om_top1']:.2f} |" in table
+    grid = table.split("| images/s |")[1].split("latency")[0]
+    om_fps = next(row for row in grid.splitlines() if row.startswith("| om |")).split("|")[2:-1]
+    assert [cell.strip() != "–" for cell in om_fps] == [True, False, True]  # bs1, bs2, bs4
+    run_id = json.loads((work / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_om_top1"] == metrics["om_top1"]
+    assert run.data.metrics["om_fps_bs4"] == metrics["om_fps_bs4"]
+    logged = {a.path for a in client.list_artifacts(run_id, "om")}
+    assert {"om/manifest.json", "om/bs1_linux_x86_64.om", "om/bs4_linux_x86_64.om"} <= logged

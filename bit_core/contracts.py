@@ -1,0 +1,97 @@
+"""What one stage hands to the next: the file names it writes and the typed records in them.
+
+A stage that writes one of these files and a stage that reads it both import the name and the
+record from here, so a rename or a new field cannot reach one side only. Records are validated
+when read: a manifest from another version of the code fails with one line, not later with a
+KeyError, and a status is an enum member, never a string matched by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# --- file names inside the stages' output directories ---------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"  # models/finetuned, models/resume
+WEIGHTS_FILE = "weights.npz"  # models/pretrained
+WEIGHTS_SOURCE = "source.json"  # models/pretrained
+ONNX_FILE = "model.onnx"  # models/onnx
+OM_MANIFEST = "manifest.json"  # models/om
+MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
+
+
+class ContractError(ValueError):
+    """A stage's output is missing or not what this code expects; the message says what to run."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def read(cls, path: Path, produced_by: str):
+        """Load and validate the record at `path`, written by the stage `produced_by`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ContractError(f"{path} is missing: run the {produced_by} stage")
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (ValueError, ValidationError) as err:
+            first = str(err).splitlines()[0]
+            raise ContractError(f"{path} is not a valid {cls.__name__} ({first}): re-run the "
+                                f"{produced_by} stage") from None
+
+    def write(self, path: Path) -> Path:
+        """Write the record atomically as JSON."""
+        from bit_core.io import atomic_write_json
+
+        return atomic_write_json(path, self.model_dump(mode="json"))
+
+
+# --- compile_om -> evaluate -----------------------------------------------------------------------
+
+
+class OMStatus(StrEnum):
+    """What the compile_om stage did."""
+
+    BUILT = "built"  # ATC ran for every planned build
+    SKIPPED = "skipped"  # ATC is not available here; `commands` lists what would have run
+
+
+class OMBuild(BaseModel):
+    """One OM file ATC produced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    batch: int | None  # None for the dynamic-batch build
+    dynamic_batches: list[int] | None
+    file: str  # relative to the manifest's directory
+    command: list[str]
+    size_bytes: int
+    sha256: str
+
+
+class OMManifest(_Record):
+    """The compile_om stage's record of what it built, or why nothing was built."""
+
+    status: OMStatus
+    reason: str | None
+    onnx: str
+    onnx_sha256: str
+    resolution: int
+    input_name: str
+    soc_version: str | None
+    batch_sizes: list[int]
+    dynamic_batch: bool
+    commands: list[list[str]]
+    models: list[OMBuild]
+    environment: dict[str, Any]
+
+    def static_models(self, directory: Path) -> dict[int, Path]:
+        """{batch size: OM file} of the static-batch builds."""
+        return {m.batch: Path(directory) / m.file for m in self.models if m.batch is not None}
