@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 from bench import models
 from bench.timing import interleaved, summary
 from bit_core.config import TrainConfig
-from bit_core.data import ImageListDataset, scan_folder, train_transform
+from bit_core.data import ImageListDataset, train_transform
+from bit_core.splits import scan_folder
 from bit_core.train import Trainer
 
 CPU = torch.device("cpu")

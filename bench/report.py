@@ -269,7 +269,7 @@ def _profile_md(title: str, prof: dict) -> str:
 def _data_md(t: dict, machine: dict) -> str:
     out = [f"## 5. Data loading against training ({t['model']} {t['precision']})\n",
            f"Generated images with seeded random content, read through the project's path: "
-           "`bit_core.data.scan_folder`, `ImageListDataset` with `train_transform(precrop, crop, "
+           "`bit_core.splits.scan_folder`, `ImageListDataset` with `train_transform(precrop, crop, "
            "flip)`, and the DataLoader `Trainer` iterates (`Trainer._loader`: `_SeededItems` "
            "under the `_StepBatches` batch sampler, `train.workers` worker processes). Each "
            "round builds a fresh loader, as every `Trainer.fit` does, and reads "

@@ -13,9 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """params.yaml is unusable; the one-line message names the key and what to do."""
+from bit_core.errors import ConfigError
 
 
 class _Section(BaseModel):

@@ -9,11 +9,14 @@ KeyError, and a status is an enum member, never a string matched by hand.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from bit_core.errors import ContractError, DataError
 
 # --- file names inside the stages' output directories ---------------------------------------------
 
@@ -22,11 +25,8 @@ WEIGHTS_FILE = "weights.npz"  # models/pretrained
 WEIGHTS_SOURCE = "source.json"  # models/pretrained
 ONNX_FILE = "model.onnx"  # models/onnx
 OM_MANIFEST = "manifest.json"  # models/om
+SPLIT_MARKER = "split.json"  # data/raw of a source with official train/ and test/ folders
 MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
-
-
-class ContractError(ValueError):
-    """A stage's output is missing or not what this code expects; the message says what to run."""
 
 
 class _Record(BaseModel):
@@ -95,3 +95,31 @@ class OMManifest(_Record):
     def static_models(self, directory: Path) -> dict[int, Path]:
         """{batch size: OM file} of the static-batch builds."""
         return {m.batch: Path(directory) / m.file for m in self.models if m.batch is not None}
+
+
+# --- split marker --------------------------------------------------------------------------------
+
+SPLIT_FORMAT = 1
+
+
+def write_split_marker(root: Path, source: str, classes: Sequence[str], images: Mapping[str, int],
+                       **extra: Any) -> None:
+    """Write `root`/split.json, which says `root` holds the official train/ and test/ folders."""
+    marker = {"format": SPLIT_FORMAT, "source": source,
+              "splits": {"train": "train", "test": "test"}, "classes": list(classes),
+              "images": dict(images), **extra}
+    (Path(root) / SPLIT_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+
+
+def read_split_marker(root: Path) -> dict[str, Any] | None:
+    """The split marker of a fetched data root, or None when it is a plain class-folder root."""
+    path = Path(root) / SPLIT_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path} is not valid JSON: run the fetch_data stage again") from None
+    if not isinstance(marker, dict) or marker.get("format") != SPLIT_FORMAT:
+        raise DataError(f"{path} has an unknown format: run the fetch_data stage again")
+    return marker

@@ -8,9 +8,7 @@ from contextlib import nullcontext
 
 import torch
 
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used here; the message says what to install or set."""
+from bit_core.errors import DeviceError
 
 
 def _npu_usable() -> bool:

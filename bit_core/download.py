@@ -33,6 +33,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from bit_core.errors import DownloadError
+
 __all__ = ["DownloadError", "download", "file_digest"]
 
 # Hashing reads the file in chunks of this many bytes.
@@ -53,10 +55,6 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)", re.IGNORECAS
 # TimeoutError (socket timeout) are OSErrors; IncompleteRead, RemoteDisconnected and
 # BadStatusLine are HTTPExceptions. Only network calls are wrapped, so disk errors propagate.
 _NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, http.client.HTTPException)
-
-
-class DownloadError(RuntimeError):
-    """A download failed; the message is one line naming the problem and the fix."""
 
 
 class _RetryableError(Exception):

@@ -18,15 +18,12 @@ from torch import nn
 
 from bit_core.io import atomic_path
 from bit_core.model import fold_weight_standardization
+from bit_core.errors import ParityError
 
 INPUT, OUTPUT = "image", "logits"
 # Protobuf cannot hold a model over 2 GiB: larger weights go to a side file.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 WS_OP_TYPES = {"LayerNormalization", "ReduceMean", "Sqrt", "Pow"}  # unfolded WS would add these
-
-
-class ParityError(AssertionError):
-    """ONNX Runtime does not reproduce PyTorch's logits within tolerance."""
 
 
 class ConcatZeroPad(nn.Module):

@@ -28,6 +28,7 @@ from typing import Any
 
 from bit_core.contracts import OM_MANIFEST, OMBuild, OMManifest, OMStatus
 from bit_core.download import file_digest
+from bit_core.errors import OMError
 
 SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
 DYNAMIC_NAME = "dynamic"
@@ -43,10 +44,6 @@ _CHIP_ROW = re.compile(r"^\|\s*\d+\s+((?:Ascend)?\d{3}[A-Za-z0-9_]*)\s*\|")
 _CHIP_NAME = re.compile(r"Chip\s*Name\s*:\s*((?:Ascend)?\d{3}[A-Za-z0-9_]*)", re.IGNORECASE)
 
 Runner = Callable[..., subprocess.CompletedProcess]
-
-
-class OMError(RuntimeError):
-    """ATC or ais_bench cannot run or failed; the message says what went wrong and what to do."""
 
 
 # --- environment -------------------------------------------------------------------------------

@@ -33,18 +33,35 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from bit_core.data import DataError
+from bit_core.contracts import read_split_marker, write_split_marker
+from bit_core.errors import DataError
 from bit_core.download import DownloadError, download, file_digest
 from bit_core.io import atomic_dir
 
 DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")
-SPLIT_FILE = "split.json"
-SPLIT_FORMAT = 1
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
                             ".webp"})  # torchvision's IMG_EXTENSIONS, compared lower-case
 
 _CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOFError,
             zlib.error, gzip.BadGzipFile)
+
+
+# --- the embedded digits -------------------------------------------------------------------------
+
+def materialize_digits(out: Path) -> int:
+    """Write scikit-learn's handwritten digits (1797 8x8 images, shipped in the package) as PNGs.
+
+    Returns the number of images written. Pixel values 0..16 are scaled to 0..255.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for index, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
+        folder = Path(out) / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(folder / f"{index:04d}.png")
+    return len(pixels)
 
 
 # --- safe extraction -----------------------------------------------------------------------------
@@ -112,31 +129,6 @@ def safe_extract(archive: str | Path, dest: Path, fileobj: IO[bytes] | None = No
             raise DataError(f"{where} is truncated or corrupt ({_why(err)}): delete it and "
                             "download it again") from None
     return dest
-
-
-# --- split marker --------------------------------------------------------------------------------
-
-def write_split_marker(root: Path, source: str, classes: Sequence[str], images: Mapping[str, int],
-                       **extra: Any) -> None:
-    """Write `root`/split.json, which says `root` holds the official train/ and test/ folders."""
-    marker = {"format": SPLIT_FORMAT, "source": source,
-              "splits": {"train": "train", "test": "test"}, "classes": list(classes),
-              "images": dict(images), **extra}
-    (Path(root) / SPLIT_FILE).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
-
-
-def read_split_marker(root: Path) -> dict[str, Any] | None:
-    """The split marker of a fetched data root, or None when it is a plain class-folder root."""
-    path = Path(root) / SPLIT_FILE
-    if not path.is_file():
-        return None
-    try:
-        marker = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise DataError(f"{path} is not valid JSON: run the fetch_data stage again") from None
-    if not isinstance(marker, dict) or marker.get("format") != SPLIT_FORMAT:
-        raise DataError(f"{path} has an unknown format: run the fetch_data stage again")
-    return marker
 
 
 # --- CIFAR ---------------------------------------------------------------------------------------
@@ -302,7 +294,8 @@ def cifar_archive(variant: str, *, url: str | None = None, archive: str | Path |
         return path
     dest = Path(cache_dir).expanduser() / spec.filename
     try:
-        return download(url or spec.url, dest, md5=md5, progress=progress, what=spec.filename)
+        return download(url or spec.url, dest, md5=md5, progress=progress, what=spec.filename,
+                        mirror=bool(url))
     except DownloadError as err:
         raise DataError(f"{err} Or set data.archive to a local copy.") from None
 

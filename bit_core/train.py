@@ -25,6 +25,7 @@ from bit_core.config import TrainConfig
 from bit_core.device import DeviceError, autocast, resolve_precision
 from bit_core.hyperrule import get_lr, get_mixup, get_schedule
 from bit_core.io import atomic_torch_save
+from bit_core.errors import Interrupted
 
 StepCallback = Callable[[dict], None]
 
@@ -63,10 +64,6 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
                           "torch_npu releases): install it or set train.compile: false") from None
     backend = torchair.get_npu_backend(compiler_config=torchair.CompilerConfig())
     return torch.compile(model, backend=backend, dynamic=False)
-
-
-class Interrupted(RuntimeError):
-    """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,12 @@ import torch
 from torch import nn
 
 from bit_core.model import PreActBottleneck, ResNetV2, build_model, get_variant
+from bit_core.errors import WeightsError
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
 PREFIX = "resnet/"
 _CONV = "standardized_conv2d/kernel"
 HEAD_KEYS = (f"{PREFIX}head/conv2d/kernel", f"{PREFIX}head/conv2d/bias")
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be used as it is; the message names the problem and the fix."""
 
 
 def official_url(name: str) -> str:
@@ -179,7 +176,7 @@ def fetch_official(name: str, cache_dir: Path, *, url: str | None = None,
 
     dest = Path(cache_dir).expanduser() / f"{name}.npz"
     source = url or official_url(name)
-    download(source, dest, sha256=sha256, progress=progress, what=f"{name}.npz")
+    download(source, dest, sha256=sha256, progress=progress, what=f"{name}.npz", mirror=bool(url))
     try:
         verify_npz(dest, name)
     except WeightsError:

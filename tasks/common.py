@@ -9,26 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bit_core.config import ConfigError, Params, load_params
-
-# Errors that are the user's to fix: printed as one line, exit status 2, no traceback.
-_USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+from bit_core.config import Params, load_params
+from bit_core.errors import USER_ERRORS
 
 log = logging.getLogger("bit")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types reported as a one-line message rather than a traceback."""
-    from bit_core.data import DataError
-    from bit_core.device import DeviceError
-    from bit_core.download import DownloadError
-    from bit_core.export import ParityError
-    from bit_core.om import OMError
-    from bit_core.train import Interrupted
-    from bit_core.weights import WeightsError
-
-    return _USER_ERRORS + (DataError, DeviceError, DownloadError, Interrupted, OMError,
-                          ParityError, WeightsError)
 
 
 def params_path() -> Path:
@@ -50,7 +34,7 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     try:
         run(args, read_params())
-    except user_errors() as err:
+    except USER_ERRORS as err:
         print(f"error: {name}: {err}", file=sys.stderr)
         return 2
     return 0

@@ -12,17 +12,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bit_core import fold_weight_standardization
 from bit_core.config import Params
 from bit_core.contracts import CHECKPOINT, OM_MANIFEST, OMManifest, OMStatus
-from bit_core.data import ImageListDataset, eval_transform, read_classes, read_split
+from bit_core.data import ImageListDataset, eval_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,
                                topk_accuracy, torch_predictor)
-from bit_core.export import ParityError, onnx_session
+from bit_core.errors import ParityError
+from bit_core.export import onnx_session
 from bit_core.io import atomic_write_json, atomic_write_text
+from bit_core.model import fold_weight_standardization
 from bit_core.om import AIS_BENCH_HINT, read_ais_outputs, run_ais_bench
 from bit_core.plots import plot_confusion, plot_fps
+from bit_core.splits import read_classes, read_split
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main

@@ -9,9 +9,10 @@ import torch
 
 from bit_core.config import Params
 from bit_core.contracts import CHECKPOINT, ONNX_FILE
-from bit_core.data import ImageListDataset, eval_transform, read_split
+from bit_core.data import ImageListDataset, eval_transform
 from bit_core.export import check_parity, export_onnx, op_types
 from bit_core.io import atomic_write_json
+from bit_core.splits import read_split
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main

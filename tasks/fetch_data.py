@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 
 from bit_core.config import DataConfig, Params
-from bit_core.data import DataError, materialize_digits
+from bit_core.errors import DataError
 from bit_core.io import atomic_dir
-from bit_core.sources import (CIFAR, DEFAULT_CACHE, materialize_cifar, materialize_folder,
+from bit_core.sources import (CIFAR, DEFAULT_CACHE, materialize_cifar, materialize_digits,
+                              materialize_folder,
                               materialize_imagenet)
 from tasks.common import log, stage_main
 

@@ -18,13 +18,13 @@ from torch.utils.data import DataLoader
 from bit_core import create_model, distributed
 from bit_core.config import Params
 from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE
-from bit_core.data import (ImageListDataset, eval_transform, read_classes, read_split,
-                           train_transform)
+from bit_core.data import ImageListDataset, eval_transform, train_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.hyperrule import get_resolution
 from bit_core.io import atomic_path, atomic_write, atomic_write_json
 from bit_core.plots import plot_loss
+from bit_core.splits import read_classes, read_split
 from bit_core.train import Trainer
 from tasks import tracking
 from tasks.common import log, read_params, stage_main

@@ -9,10 +9,11 @@ from pathlib import Path
 from PIL import Image
 
 from bit_core.config import DataConfig, Params
-from bit_core.data import (SPLITS, DataError, Sample, few_shot, find_unreadable, scan_folder,
-                           stratified_split, write_split)
-from bit_core.sources import read_split_marker
+from bit_core.contracts import read_split_marker
+from bit_core.errors import DataError
 from bit_core.io import atomic_dir, atomic_write_json
+from bit_core.splits import (SPLITS, Sample, few_shot, find_unreadable, scan_folder,
+                             stratified_split, write_split)
 from tasks.common import log, stage_main
 
 

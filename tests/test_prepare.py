@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from bit_core.config import DataConfig
-from bit_core.data import DataError, few_shot, read_split, stratified_split
-from bit_core.sources import write_split_marker
+from bit_core.contracts import write_split_marker
+from bit_core.errors import DataError
+from bit_core.splits import few_shot, read_split, stratified_split
 from tasks.prepare import prepare
 
 

@@ -17,9 +17,9 @@ import scipy.io
 from PIL import Image
 
 from bit_core.config import DataConfig
-from bit_core.data import DataError
-from bit_core.sources import (load_pickle, materialize_cifar, materialize_imagenet,
-                              read_split_marker, safe_extract)
+from bit_core.contracts import read_split_marker
+from bit_core.errors import DataError
+from bit_core.sources import load_pickle, materialize_cifar, materialize_imagenet, safe_extract
 from tasks.fetch_data import fetch
 from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
 
