@@ -7,12 +7,22 @@ renames it to ``dest`` with :func:`os.replace`, so ``dest`` is never seen half-w
 
 Only ``http://`` and ``https://`` URLs are handled; callers deal with local files themselves.
 Everything is standard library (:mod:`urllib.request`) except the :mod:`rich` progress bar.
+
+Mirrors that want credentials get them by HTTP basic or bearer authentication, sent with every
+request (Range resumes and retries included) and re-sent on a redirect only to the same host.
+They come, first found first used, from the URL's ``user:password@``; from ``user@`` plus
+``BIT_MIRROR_PASSWORD`` or that login's ~/.netrc password; from ``BIT_MIRROR_TOKEN`` (a bearer
+token, sent to mirrors only, never to the official addresses); from the host's ~/.netrc entry
+(``NETRC`` names another file), as curl, pip and git read it. Every message and progress label
+goes through :func:`bit_core.redact.redact`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
+import netrc
 import os
 import re
 import time
@@ -21,6 +31,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from rich.console import Console
 from rich.progress import (
@@ -34,8 +45,13 @@ from rich.progress import (
 )
 
 from bit_core.errors import DownloadError
+from bit_core.redact import redact, split_credentials
 
-__all__ = ["DownloadError", "download", "file_digest"]
+__all__ = ["PASSWORD_ENV", "TOKEN_ENV", "DownloadError", "basic_auth", "download", "file_digest"]
+
+# Mirror credentials kept out of params.yaml (both are listed in bit_core.redact too).
+TOKEN_ENV = "BIT_MIRROR_TOKEN"  # bearer token for a mirror URL
+PASSWORD_ENV = "BIT_MIRROR_PASSWORD"  # password for a mirror URL that names only its user
 
 # Hashing reads the file in chunks of this many bytes.
 HASH_CHUNK_SIZE = 1 << 20
@@ -63,6 +79,22 @@ class _RetryableError(Exception):
 
 class _FatalHTTPError(Exception):
     """The server answered with an HTTP error that retrying will not fix (e.g. 404)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Auth(NamedTuple):
+    """The ``Authorization`` header of a download and where its credentials came from."""
+
+    header: str
+    source: str  # for messages, e.g. "BIT_MIRROR_TOKEN"
+
+
+def basic_auth(user: str, password: str) -> str:
+    """The ``Authorization`` header value for HTTP basic authentication (UTF-8, RFC 7617)."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
@@ -92,6 +124,7 @@ def download(
     timeout: float = 30.0,
     retries: int = 3,
     what: str | None = None,
+    mirror: bool = False,
 ) -> Path:
     """Download ``url`` to ``dest``, resuming partial downloads and verifying checksums.
 
@@ -122,21 +155,25 @@ def download(
         timeout: Seconds to wait for the connection and for each read.
         retries: How many times a failed attempt is retried (attempts = ``retries + 1``).
         what: Description shown on the progress bar; defaults to ``dest.name``.
+        mirror: ``url`` is a mirror the user configured, so ``BIT_MIRROR_TOKEN`` may be sent
+            to it; False for official addresses, which get only ~/.netrc credentials.
 
     Returns:
         ``dest``.
 
     Raises:
         DownloadError: The server is unreachable or kept failing after all retries, answered
-            with an HTTP error such as 404, or the checksum does not match. The message names
-            the URL, the reason and where to put a manually downloaded copy.
+            with an HTTP error such as 404 or 401, the URL names a user but no password is
+            found, ~/.netrc is unreadable, or the checksum does not match. The message names
+            the URL (redacted), the reason and the fix.
         ValueError: ``url`` is not http(s), ``retries`` is negative or a checksum is not a
             hex digest of the right length.
         OSError: ``dest`` or the partial file cannot be written.
     """
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https"):
-        raise ValueError(f"download() fetches http(s) URLs only, got {url!r}; handle local files yourself")
+        raise ValueError(redact(f"download() fetches http(s) URLs only, got {url!r}; handle local "
+                                "files yourself"))
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
     expected = _expected_digests(sha256=sha256, md5=md5)
@@ -146,6 +183,7 @@ def download(
         if not expected or _mismatch(dest, expected) is None:
             return dest
         dest.unlink()
+    request_url, auth = _credentials(url, mirror=mirror)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
@@ -157,54 +195,142 @@ def download(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task(what or dest.name, total=None)
-        _fetch_with_retries(url, dest, part, timeout=timeout, retries=retries, bar=bar, task=task)
+        task = bar.add_task(redact(what or dest.name), total=None)
+        _fetch_with_retries(url, request_url, auth, dest, part, timeout=timeout, retries=retries,
+                            bar=bar, task=task)
 
     mismatch = _mismatch(part, expected)
     if mismatch is not None:
         part.unlink(missing_ok=True)
         algorithm, want, got = mismatch
-        raise DownloadError(
-            _one_line(
-                f"{algorithm} mismatch for {url}: expected {want}, got {got}. The partial download "
-                f"was deleted; check the URL and the expected {algorithm}, or put a good copy at {dest}."
-            )
+        raise _error(
+            f"{algorithm} mismatch for {url}: expected {want}, got {got}. The partial download "
+            f"was deleted; check the URL and the expected {algorithm}, or put a good copy at {dest}."
         )
     os.replace(part, dest)
     return dest
 
 
+def _credentials(url: str, *, mirror: bool) -> tuple[str, _Auth | None]:
+    """The URL to request (userinfo removed) and its authentication, in the module's order."""
+    bare, userinfo = split_credentials(url)
+    host = urllib.parse.urlsplit(bare).hostname or ""
+    if userinfo is not None:
+        user, password = userinfo
+        if password is not None:
+            return bare, _Auth(basic_auth(user, password), "the password in the URL")
+        if os.environ.get(PASSWORD_ENV):
+            return bare, _Auth(basic_auth(user, os.environ[PASSWORD_ENV]), PASSWORD_ENV)
+        entry = _netrc_entry(host)
+        if entry is None or entry[0] not in (user, ""):
+            raise _error(f"{url} names user {user!r} but no password: set {PASSWORD_ENV}, or add "
+                         f"'machine {host} login {user} password ...' to ~/.netrc")
+        return bare, _Auth(basic_auth(user, entry[1]), "~/.netrc")
+    if mirror and os.environ.get(TOKEN_ENV):
+        return bare, _Auth(f"Bearer {os.environ[TOKEN_ENV]}", TOKEN_ENV)
+    entry = _netrc_entry(host)
+    return bare, None if entry is None else _Auth(basic_auth(*entry), "~/.netrc")
+
+
+def _netrc_entry(host: str) -> tuple[str, str] | None:
+    """(login, password) for `host` (or the default entry) in $NETRC or ~/.netrc; None if none.
+
+    ~/.netrc itself is refused when others can read it, as Python's netrc module does.
+    """
+    file = os.environ.get("NETRC") or None
+    try:
+        entry = netrc.netrc(file).authenticators(host)
+    except FileNotFoundError:
+        return None
+    except netrc.NetrcParseError as err:
+        # Parse messages quote the offending token, which may be a password: name only the line.
+        why = err.msg if err.msg.startswith("~/.netrc") else f"bad syntax at line {err.lineno}"
+        raise _error(f"cannot read {err.filename}: {why}; fix it (chmod 600 for permissions), "
+                     "or move it away to download without it") from None
+    if entry is None or not (entry[0] or entry[2]):
+        return None
+    return entry[0] or "", entry[2] or ""
+
+
 def _fetch_with_retries(
-    url: str, dest: Path, part: Path, *, timeout: float, retries: int, bar: Progress, task: TaskID
+    url: str,
+    request_url: str,
+    auth: _Auth | None,
+    dest: Path,
+    part: Path,
+    *,
+    timeout: float,
+    retries: int,
+    bar: Progress,
+    task: TaskID,
 ) -> None:
-    """Run attempts until the partial file is complete, or raise DownloadError."""
+    """Run attempts until the partial file is complete, or raise DownloadError.
+
+    ``url`` is the URL as given (named, redacted, in messages); ``request_url`` is requested.
+    """
+    opener = urllib.request.build_opener(_SameHostAuthRedirect)
     reason = "unknown error"
     for attempt in range(retries + 1):
         before = _size(part)
         try:
-            _attempt(url, part, timeout=timeout, bar=bar, task=task)
+            _attempt(opener, request_url, auth, part, timeout=timeout, bar=bar, task=task)
             return
         except _FatalHTTPError as exc:
-            raise DownloadError(
-                _one_line(
-                    f"cannot download {url}: {exc}. Check the URL, or download the file elsewhere "
-                    f"and put it at {dest}."
-                )
-            ) from exc
+            fix = _http_error_fix(exc.code, auth, dest)
+            raise _error(f"cannot download {url}: {exc}. {fix}") from exc
         except _RetryableError as exc:
             reason = str(exc)
             if attempt < retries and _size(part) <= before:
                 time.sleep(min(_RETRY_DELAY_S * 2**attempt, _RETRY_DELAY_MAX_S))
     attempts = f"{retries + 1} attempt" + ("s" if retries else "")
-    raise DownloadError(
-        _one_line(
-            f"cannot download {url}: {reason} (after {attempts}). Download it elsewhere and put it "
-            f"at {dest} (or set a mirror URL)."
-        )
+    raise _error(
+        f"cannot download {url}: {reason} (after {attempts}). Download it elsewhere and put it "
+        f"at {dest} (or set a mirror URL)."
     )
 
 
-def _attempt(url: str, part: Path, *, timeout: float, bar: Progress, task: TaskID) -> None:
+def _http_error_fix(code: int, auth: _Auth | None, dest: Path) -> str:
+    """What to do about a non-retryable HTTP error, for the end of the message."""
+    if code in (401, 403) and auth is not None:
+        return f"Check the credentials from {auth.source}."
+    if code == 401:
+        return (f"The server wants credentials: add them to ~/.netrc or set {TOKEN_ENV} "
+                f"(or {PASSWORD_ENV} with user@ in the URL).")
+    return f"Check the URL, or download the file elsewhere and put it at {dest}."
+
+
+class _SameHostAuthRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, re-sending ``Authorization`` only to the same scheme, host and port
+    (or its https upgrade): another host, e.g. a signed storage URL, never sees the credentials."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 (urllib's)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        header = req.unredirected_hdrs.get("Authorization")
+        if new is not None and header and _same_origin(req.full_url, new.full_url):
+            new.add_unredirected_header("Authorization", header)
+        return new
+
+
+def _same_origin(old: str, new: str) -> bool:
+    """Whether credentials for `old` may go to `new` (same origin, or http -> https on :443)."""
+    a, b = urllib.parse.urlsplit(old), urllib.parse.urlsplit(new)
+    if a.hostname != b.hostname:
+        return False
+    if a.scheme == "http" and b.scheme == "https":
+        return a.port in (None, 80) and b.port in (None, 443)
+    return a.scheme == b.scheme and a.port == b.port
+
+
+def _attempt(
+    opener: urllib.request.OpenerDirector,
+    url: str,
+    auth: _Auth | None,
+    part: Path,
+    *,
+    timeout: float,
+    bar: Progress,
+    task: TaskID,
+) -> None:
     """One request: append to (or restart) the partial file until the body ends.
 
     Raises:
@@ -213,10 +339,12 @@ def _attempt(url: str, part: Path, *, timeout: float, bar: Progress, task: TaskI
     """
     offset = _size(part)
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
+    if auth is not None:  # unredirected: _SameHostAuthRedirect decides where it may follow
+        request.add_unredirected_header("Authorization", auth.header)
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 (scheme checked)
+        response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         with exc:
             if exc.code == 416 and offset:
@@ -228,7 +356,7 @@ def _attempt(url: str, part: Path, *, timeout: float, bar: Progress, task: TaskI
                 raise _RetryableError(f"the server has {total} bytes but {offset} were on disk") from exc
             if exc.code in _RETRY_STATUSES:
                 raise _RetryableError(f"HTTP {exc.code} {exc.reason}") from exc
-            raise _FatalHTTPError(f"HTTP {exc.code} {exc.reason}") from exc
+            raise _FatalHTTPError(f"HTTP {exc.code} {exc.reason}", exc.code) from exc
     except _NETWORK_ERRORS as exc:
         raise _RetryableError(_describe(exc)) from exc
 
@@ -334,6 +462,6 @@ def _describe(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _one_line(message: str) -> str:
-    """Replace line breaks (e.g. from a server's reason phrase) so the message is one line."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", message)
+def _error(message: str) -> DownloadError:
+    """A DownloadError of one line (a server's reason phrase may hold line breaks), redacted."""
+    return DownloadError(redact(re.sub(r"\s*[\r\n]+\s*", " ", message)))

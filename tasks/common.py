@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bit_core.config import Params, load_params
 from bit_core.errors import USER_ERRORS
+from bit_core.redact import redact
 
 log = logging.getLogger("bit")
 
@@ -35,6 +36,6 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     try:
         run(args, read_params())
     except USER_ERRORS as err:
-        print(f"error: {name}: {err}", file=sys.stderr)
+        print(f"error: {name}: {redact(str(err))}", file=sys.stderr)
         return 2
     return 0

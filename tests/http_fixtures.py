@@ -1,4 +1,5 @@
-"""A local HTTP server for download tests: files from bytes, Range support and injected faults.
+"""A local HTTP server for download tests: files from bytes, Range support, injected faults,
+required credentials and redirects.
 
 Import the fixture explicitly in a test module (``tests/conftest.py`` is owned elsewhere)::
 
@@ -9,12 +10,15 @@ Import the fixture explicitly in a test module (``tests/conftest.py`` is owned e
         ...
         assert http_server.ranges("/models/weights.npz") == [None]
 
-or use :class:`ArchiveServer` directly as a context manager. Everything listens on 127.0.0.1
-only, on a free port chosen by the OS.
+or use :class:`ArchiveServer` directly as a context manager. A path registered with
+``basic=(user, password)`` or ``token=...`` answers 401 to any request without those
+credentials. Everything listens on 127.0.0.1 only, on a free port chosen by the OS.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import socket
 import threading
@@ -37,7 +41,25 @@ class _Entry:
     drop_times: int
     ignore_range: bool
     status: int | None
+    basic: tuple[str, str] | None = None
+    token: str | None = None
+    redirect: str | None = None
     hits: int = 0
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header satisfies this path (always, if none is required)."""
+        if self.basic is None and self.token is None:
+            return True
+        scheme, _, value = (header or "").partition(" ")
+        if scheme.lower() == "bearer":
+            return self.token is not None and value == self.token
+        if scheme.lower() != "basic" or self.basic is None:
+            return False
+        try:
+            user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return (user, password) == self.basic
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,7 @@ class RequestRecord:
         range: The ``Range`` header, or None.
         status: Status code answered.
         dropped: Whether the connection was cut mid-body on purpose.
+        authorization: The ``Authorization`` header, or None.
     """
 
     method: str
@@ -57,6 +80,7 @@ class RequestRecord:
     range: str | None
     status: int
     dropped: bool = False
+    authorization: str | None = None
 
 
 class ArchiveServer:
@@ -128,6 +152,9 @@ class ArchiveServer:
         drop_times: int = 1,
         ignore_range: bool = False,
         status: int | None = None,
+        basic: tuple[str, str] | None = None,
+        token: str | None = None,
+        redirect: str | None = None,
     ) -> str:
         """Serve ``data`` at ``path``, with optional faults; replaces an earlier registration.
 
@@ -139,6 +166,11 @@ class ArchiveServer:
             drop_times: How many requests are cut when ``drop_after`` is set.
             ignore_range: Answer 200 with the full body even when a Range is requested.
             status: Answer every request with this error status (e.g. 404, 503) and no file.
+            basic: Require HTTP basic authentication with this (user, password).
+            token: Require ``Authorization: Bearer <token>`` (either this or ``basic`` will do
+                when both are set).
+            redirect: Answer 302 with this absolute URL as ``Location`` (after the
+                credentials check).
 
         Returns:
             The absolute URL of ``path``.
@@ -146,7 +178,8 @@ class ArchiveServer:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
         with self._lock:
-            self._entries[path] = _Entry(bytes(data), drop_after, drop_times, ignore_range, status)
+            self._entries[path] = _Entry(bytes(data), drop_after, drop_times, ignore_range, status,
+                                         basic, token, redirect)
         return self.url(path)
 
     # -- inspection ------------------------------------------------------------------------
@@ -164,6 +197,10 @@ class ArchiveServer:
     def ranges(self, path: str) -> list[str | None]:
         """The ``Range`` header of each request of ``path`` (None when absent)."""
         return [r.range for r in self.requests_for(path)]
+
+    def authorizations(self, path: str) -> list[str | None]:
+        """The ``Authorization`` header of each request of ``path`` (None when absent)."""
+        return [r.authorization for r in self.requests_for(path)]
 
     # -- used by the handler ---------------------------------------------------------------
 
@@ -197,11 +234,21 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
 
         def _serve(self, *, body: bool) -> None:
             range_header = self.headers.get("Range")
+            authorization = self.headers.get("Authorization")
             entry, hit = server._lookup(self.path, self.command)
 
             def record(status: int, dropped: bool = False) -> None:
-                server._record(RequestRecord(self.command, self.path, range_header, status, dropped))
+                server._record(RequestRecord(self.command, self.path, range_header, status, dropped,
+                                             authorization))
 
+            if entry is not None and not entry.authorized(authorization):
+                record(401)
+                self._empty(401, {"WWW-Authenticate": 'Basic realm="mirror"'})
+                return
+            if entry is not None and entry.redirect is not None:
+                record(302)
+                self._empty(302, {"Location": entry.redirect})
+                return
             if entry is None or entry.status is not None:
                 status = HTTPStatus.NOT_FOUND if entry is None else entry.status
                 record(int(status))
@@ -220,6 +267,8 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
                     return
                 status = 206
 
+            drop = body and entry.drop_after is not None and hit <= entry.drop_times
+            record(status, dropped=drop)  # before answering: the client may be done at once
             self.send_response(status)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(end - start))
@@ -227,8 +276,6 @@ def _make_handler(server: ArchiveServer) -> type[BaseHTTPRequestHandler]:
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.end_headers()
-            drop = body and entry.drop_after is not None and hit <= entry.drop_times
-            record(status, dropped=drop)
             if not body:
                 return
             if drop:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from bit_core import download as download_module
-from bit_core.download import DownloadError, download, file_digest
+from bit_core.download import PASSWORD_ENV, TOKEN_ENV, DownloadError, download, file_digest
 from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
 
 PATH = "/bit/BiT-M-R50x1.npz"
@@ -20,6 +22,8 @@ PAYLOAD = random.Random(1234).randbytes(300_000)
 SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 MD5 = hashlib.md5(PAYLOAD).hexdigest()
 DROP_AT = 120_000  # 40 % of the payload
+USER, PASSWORD = "ci", "s3cr@t:pw"  # "@" and ":" must be percent-encoded in a URL
+TOKEN = "tok-5f2a9c81"
 
 
 def _part(dest: Path) -> Path:
@@ -31,9 +35,27 @@ def _assert_done(dest: Path) -> None:
     assert not _part(dest).exists()
 
 
+@pytest.fixture(autouse=True)
+def no_ambient_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ~/.netrc or mirror credentials of the machine running the tests."""
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for name in (TOKEN_ENV, PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def dest(tmp_path: Path) -> Path:
     return tmp_path / "weights" / "BiT-M-R50x1.npz"
+
+
+def _with_userinfo(url: str, user: str, password: str | None = None) -> str:
+    """``url`` with ``user[:password]@`` (percent-encoded) after the scheme."""
+    userinfo = quote(user, safe="") + ("" if password is None else ":" + quote(password, safe=""))
+    return url.replace("://", f"://{userinfo}@", 1)
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 @pytest.fixture
@@ -220,3 +242,134 @@ def test_file_digest(tmp_path: Path) -> None:
 
     assert file_digest(path) == hashlib.sha256(data).hexdigest()
     assert file_digest(path, "md5") == hashlib.md5(data).hexdigest()
+
+
+# --- credentials ---------------------------------------------------------------------------------
+
+
+def test_password_in_the_url_is_sent_as_basic_auth_and_never_shown(
+    http_server: ArchiveServer, dest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = _with_userinfo(http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD)), USER, PASSWORD)
+
+    download(url, dest, sha256=SHA256, progress=True, what=url)
+
+    _assert_done(dest)
+    assert http_server.authorizations(PATH) == [_basic(USER, PASSWORD)]
+    err = capsys.readouterr().err
+    assert "***" in err and quote(PASSWORD, safe="") not in err and PASSWORD not in err
+
+
+def test_wrong_password_fails_at_once_in_one_line_without_it(http_server: ArchiveServer, dest: Path) -> None:
+    url = _with_userinfo(http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD)), USER, "Wr0ng-pa55")
+
+    with pytest.raises(DownloadError) as info:
+        download(url, dest, sha256=SHA256, progress=False, retries=3)
+
+    message = str(info.value)
+    assert "401" in message and "credentials" in message and f"{USER}:***@" in message
+    assert "Wr0ng-pa55" not in message and "\n" not in message
+    assert [r.status for r in http_server.requests_for(PATH)] == [401]  # not retried
+
+
+def test_user_in_the_url_and_password_from_the_environment(
+    http_server: ArchiveServer, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    url = _with_userinfo(http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD)), USER)
+
+    download(url, dest, sha256=SHA256, progress=False)
+
+    _assert_done(dest)
+    assert http_server.authorizations(PATH) == [_basic(USER, PASSWORD)]
+
+
+def test_user_without_any_password_fails_before_any_request(http_server: ArchiveServer, dest: Path) -> None:
+    url = _with_userinfo(http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD)), USER)
+
+    with pytest.raises(DownloadError, match=f"no password: set {PASSWORD_ENV}.*netrc"):
+        download(url, dest, progress=False)
+
+    assert http_server.requests == []
+
+
+def test_token_from_the_environment_goes_to_mirrors_only(
+    http_server: ArchiveServer, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    url = http_server.add(PATH, PAYLOAD, token=TOKEN)
+
+    with pytest.raises(DownloadError, match=f"401.*{TOKEN_ENV}") as info:
+        download(url, dest, progress=False)  # not a mirror: an official address never gets it
+    assert TOKEN not in str(info.value)
+    download(url, dest, sha256=SHA256, progress=False, mirror=True)
+
+    _assert_done(dest)
+    assert http_server.authorizations(PATH) == [None, f"Bearer {TOKEN}"]
+
+
+@pytest.mark.parametrize("where", ["NETRC", "HOME"])
+def test_netrc_entry_of_the_host(
+    http_server: ArchiveServer, dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    if where == "NETRC":
+        netrc = tmp_path / "credentials"
+        monkeypatch.setenv("NETRC", str(netrc))
+    else:  # the default ~/.netrc
+        (tmp_path / "home").mkdir()
+        netrc = tmp_path / "home" / ".netrc"
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("NETRC")
+    netrc.write_text(f"machine elsewhere.example login x password y\n"
+                     f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.chmod(0o600)
+    url = http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD))
+
+    download(url, dest, sha256=SHA256, progress=False)
+
+    _assert_done(dest)
+    assert http_server.authorizations(PATH) == [_basic(USER, PASSWORD)]
+
+
+def test_netrc_readable_by_others_is_refused_in_one_line(
+    http_server: ArchiveServer, dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    netrc = tmp_path / ".netrc"
+    netrc.write_text(f"machine 127.0.0.1 login {USER} password {PASSWORD}\n")
+    netrc.chmod(0o644)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("NETRC")
+
+    with pytest.raises(DownloadError, match="too permissive.*chmod 600") as info:
+        download(http_server.add(PATH, PAYLOAD), dest, progress=False)
+
+    assert PASSWORD not in str(info.value) and "\n" not in str(info.value)
+    assert http_server.requests == []
+
+
+def test_resume_after_a_drop_sends_the_credentials_again(http_server: ArchiveServer, dest: Path) -> None:
+    url = http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD), drop_after=DROP_AT)
+
+    download(_with_userinfo(url, USER, PASSWORD), dest, sha256=SHA256, progress=False, retries=2)
+
+    _assert_done(dest)
+    auth = _basic(USER, PASSWORD)
+    assert [(r.range, r.status, r.dropped, r.authorization) for r in http_server.requests_for(PATH)] == [
+        (None, 200, True, auth),
+        (f"bytes={DROP_AT}-", 206, False, auth),
+    ]
+
+
+def test_redirect_keeps_the_credentials_on_the_same_host_only(http_server: ArchiveServer, dest: Path) -> None:
+    auth = _basic(USER, PASSWORD)
+    same = http_server.add("/same", b"", basic=(USER, PASSWORD), redirect=http_server.url(PATH))
+    http_server.add(PATH, PAYLOAD, basic=(USER, PASSWORD))
+    other = http_server.add("/other.npz", PAYLOAD).replace("127.0.0.1", "localhost")  # other host
+    moved = http_server.add("/moved", b"", basic=(USER, PASSWORD), redirect=other)
+
+    download(_with_userinfo(same, USER, PASSWORD), dest, sha256=SHA256, progress=False)
+    download(_with_userinfo(moved, USER, PASSWORD), dest.with_name("b.npz"), sha256=SHA256, progress=False)
+
+    assert http_server.authorizations(PATH) == [auth]
+    assert http_server.authorizations("/moved") == [auth]
+    assert http_server.authorizations("/other.npz") == [None]
