@@ -8,11 +8,12 @@ MLflow run show what really ran.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bit_core.redact import redact
 from bit_core.errors import ConfigError
 
 
@@ -20,11 +21,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _mirror_url(local_key: str) -> AfterValidator:
+    """A validator admitting only http(s) URLs; a local file goes in `local_key` instead."""
+
+    def check(url: str | None) -> str | None:
+        if url and not url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"use an http(s) URL, or {local_key} for a local file")
+        return url
+
+    return AfterValidator(check)
+
+
 class DataConfig(_Section):
     """Where images come from and how they are split."""
 
     source: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
-    url: str | None = None  # mirror for downloadable sources
+    url: Annotated[str | None, _mirror_url("data.archive")] = None  # mirror of the archive
     archive: str | None = None  # a local copy of the downloadable archive
     md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")  # url/archive MD5 when not the official file
     folder: str | None = None  # imagefolder: directory of class sub-folders
@@ -53,7 +65,7 @@ class WeightsConfig(_Section):
 
     source: Literal["none", "official", "file"] = "none"
     path: str | None = None  # source=file: a local .npz
-    url: str | None = None  # source=official: a mirror instead of the official address
+    url: Annotated[str | None, _mirror_url("weights.path")] = None  # source=official: a mirror
     sha256: str | None = None  # expected digest, when known
     cache_dir: str = "~/.cache/bit-pipeline"
 
@@ -158,6 +170,8 @@ class Params(_Section):
 
 
 def _first_error(err: ValidationError, source: str) -> str:
+    """One line for the first problem; the value shown is redacted (it may be a URL with a
+    password)."""
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     kind, msg = first["type"], first["msg"]
@@ -166,7 +180,7 @@ def _first_error(err: ValidationError, source: str) -> str:
     if kind == "missing":
         return f"{source}: missing section or key {key!r}: add it (see the README)"
     value = first.get("input")
-    return f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}"
+    return redact(f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -38,12 +41,28 @@ def test_repo_params_are_valid(repo_root):
     (lambda d: d["train"].__setitem__("batch_split", 5), r"not divisible by batch_split"),
     (lambda d: d["weights"].__setitem__("source", "file"), r"needs weights.path"),
     (lambda d: d["data"].__setitem__("source", "mnist"), r"data.source = 'mnist'"),
+    (lambda d: d["data"].__setitem__("url", "ftp://ci:pw@h/c.tgz"),
+     r"data.url = 'ftp://ci:\*\*\*@h/c.tgz': use an http\(s\) URL, or data.archive for a local"),
+    (lambda d: d["weights"].__setitem__("url", "/srv/BiT-M-R50x1.npz"),
+     r"weights.url = '/srv/BiT-M-R50x1.npz': use an http\(s\) URL, or weights.path for a local"),
 ])
 def test_bad_params_one_line_naming_the_key(params_file, edit, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_params(_edit(params_file, edit))
     assert "\n" not in str(err.value)
     assert str(params_file) in str(err.value)
+
+
+def test_non_http_mirror_is_one_line_from_the_stage_entry(params_file, tmp_path, repo_root):
+    _edit(params_file, lambda d: d["data"].update(
+        source="cifar10", url="ftp://ci:hunter2@mirror.example/cifar-10-python.tar.gz"))
+    env = {**os.environ, "BIT_PARAMS": str(params_file), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "tasks.fetch_data", "--out", str(tmp_path / "raw")],
+                          cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: fetch_data: {params_file}: data.url = 'ftp://ci:***@")
+    assert "use an http(s) URL, or data.archive" in proc.stderr and "hunter2" not in proc.stderr
 
 
 def test_broken_yaml(params_file):
