@@ -55,6 +55,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from bit_core.download import basic_auth
+from bit_core.redact import redact, split_credentials
 from flows.overrides import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,29 +95,57 @@ def tracking_uri(repo: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(repo) / 'mlflow.db'}"
 
 
+def _tracking_request(url: str) -> urllib.request.Request:
+    """A GET of `url` on the MLflow server with the credentials MLflow itself sends.
+
+    In MLflow's order: the URL's ``user:password@`` (removed from the request URL, which urllib
+    would otherwise take for part of the host), else ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD``, else ``MLFLOW_TRACKING_TOKEN`` as a bearer token.
+    """
+    bare, userinfo = split_credentials(url)
+    request = urllib.request.Request(bare)
+    env = os.environ
+    if userinfo is not None:
+        header = basic_auth(userinfo[0], userinfo[1] or "")
+    elif env.get("MLFLOW_TRACKING_USERNAME") and env.get("MLFLOW_TRACKING_PASSWORD"):
+        header = basic_auth(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    elif env.get("MLFLOW_TRACKING_TOKEN"):
+        header = f"Bearer {env['MLFLOW_TRACKING_TOKEN']}"
+    else:
+        header = None
+    if header:  # unredirected: a redirect to another host never sees it
+        request.add_unredirected_header("Authorization", header)
+    return request
+
+
 def check_tracking_server(uri: str | None, timeout: float = HEALTH_TIMEOUT) -> bool:
     """When `uri` is an http(s) MLflow server, check that ``<uri>/health`` answers OK.
 
-    Returns False for other stores (nothing to check), True when the server answered.
-    Raises PreflightError with one line naming the URI and the fix otherwise.
+    The request carries the credentials of :func:`_tracking_request`. Returns False for other
+    stores (nothing to check), True when the server answered. Raises PreflightError with one
+    line naming the URI (redacted) and the fix otherwise.
     """
     if not uri or not uri.lower().startswith(("http://", "https://")):
         return False
     url = uri.rstrip("/") + "/health"
+    fix = ("start it (mlflow server --host 127.0.0.1 --port <port> --backend-store-uri "
+           "sqlite:///mlflow.db), set MLFLOW_TRACKING_URI to a running one, or unset it to "
+           "track in sqlite:///mlflow.db")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(_tracking_request(url), timeout=timeout) as response:
             if response.status == 200:
                 return True
             problem = f"GET {url} answered HTTP {response.status}"
     except urllib.error.HTTPError as err:
         problem = f"GET {url} answered HTTP {err.code}"
+        if err.code in (401, 403):
+            fix = ("check the credentials: user:password in MLFLOW_TRACKING_URI, "
+                   "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                   "MLFLOW_TRACKING_TOKEN")
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         problem = f"GET {url} failed: {reason or type(err).__name__}"
-    raise PreflightError(
-        f"MLflow tracking server {uri} is unreachable ({problem}); start it (mlflow server "
-        "--host 127.0.0.1 --port <port> --backend-store-uri sqlite:///mlflow.db), set "
-        "MLFLOW_TRACKING_URI to a running one, or unset it to track in sqlite:///mlflow.db")
+    raise PreflightError(redact(f"MLflow tracking server {uri} is unusable ({problem}); {fix}"))
 
 
 def check_git_checkout(repo: str | Path) -> str:
@@ -135,9 +165,9 @@ def preflight(repo: str, nightly: bool) -> dict:
     logger = get_run_logger()
     uri = tracking_uri(repo)
     if check_tracking_server(uri):
-        logger.info("MLflow tracking server %s is up", uri)
+        logger.info("MLflow tracking server %s is up", redact(uri))
     head = check_git_checkout(repo) if nightly else None
-    return {"tracking_uri": uri, "commit": head}
+    return {"tracking_uri": redact(uri), "commit": head}
 
 
 def _group_alive(pgid: int) -> bool:
@@ -210,7 +240,7 @@ def dvc(repo: str, *args: str, log: bool = True) -> tuple[int, str]:
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             for line in _follow(output, process):
-                line = line.rstrip()
+                line = redact(line.rstrip())  # what is logged and what errors quote
                 lines.append(line)
                 if log and line:
                     logger.info(line)
@@ -311,24 +341,29 @@ def record_experiment(repo: str, run_id: str | None) -> dict:
             client.set_tag(run_id, "dvc.experiment", name)
             client.set_tag(run_id, "dvc.experiment_rev", rev or "")
         except Exception as err:  # the experiment is recorded; the tag is a convenience
-            logger.warning("could not tag MLflow run %s with the experiment: %s", run_id, err)
+            logger.warning("could not tag MLflow run %s with the experiment: %s", run_id,
+                           redact(str(err)))
     return {"name": name, "rev": rev}
 
 
 def mlflow_link(uri: str, run_id: str | None) -> str:
-    """Markdown pointing at the run: a UI link for an http server, else the id and the store."""
+    """Markdown pointing at the run: a UI link for an http server, else the id and the store.
+
+    The link and the text never hold credentials (the browser asks for them).
+    """
     if not run_id:
         return "MLflow run: none recorded"
     if uri.lower().startswith(("http://", "https://")):
         base = uri.rstrip("/")
+        shown = split_credentials(base)[0]
         try:  # the REST API, with a short timeout (MlflowClient retries for minutes)
-            query = f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}"
+            query = _tracking_request(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}")
             with urllib.request.urlopen(query, timeout=HEALTH_TIMEOUT) as response:
                 experiment = json.load(response)["run"]["info"]["experiment_id"]
         except (OSError, ValueError, KeyError):  # gone since training: still name the run
-            return f"MLflow run: `{run_id}` on {uri}"
-        return f"MLflow run: [{run_id}]({base}/#/experiments/{experiment}/runs/{run_id})"
-    return f"MLflow run: `{run_id}` in `{uri}` (browse it with `bit ui`)"
+            return f"MLflow run: `{run_id}` on {shown}"
+        return f"MLflow run: [{run_id}]({shown}/#/experiments/{experiment}/runs/{run_id})"
+    return redact(f"MLflow run: `{run_id}` in `{uri}` (browse it with `bit ui`)")
 
 
 def _summary(repo: Path) -> tuple[str, str | None]:
@@ -391,7 +426,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         else:
             results.append(run_stage(stage, repo))
     table, run_id = _summary(Path(repo))
-    link = mlflow_link(checked["tracking_uri"], run_id)
+    link = mlflow_link(tracking_uri(repo), run_id)
     create_markdown_artifact(key="bit-evaluation", markdown=(
         f"## BiT evaluation\n\n{table}\n\n{link}\n"), description="top-1/FPS")
     experiment = None

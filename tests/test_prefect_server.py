@@ -7,6 +7,7 @@ the tiny training settings, then checks that nothing the script started is still
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import pytest
 
 from flows.overrides import apply_overrides
 from flows.pipeline import PreflightError, check_tracking_server, mlflow_link
+from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
 from tests.test_stages import TINY
 
 BIN = Path(sys.executable).parent
@@ -96,6 +98,52 @@ def test_preflight_fails_fast_on_a_closed_port():
     assert time.perf_counter() - start < 5
     assert "\n" not in message and uri in message
     assert "mlflow server" in message and "MLFLOW_TRACKING_URI" in message
+
+
+@pytest.fixture
+def no_mlflow_credentials(monkeypatch):
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_preflight_authenticates_with_the_credentials_mlflow_uses(
+        http_server: ArchiveServer, no_mlflow_credentials, monkeypatch):
+    http_server.add("/health", b"OK", basic=("ci", "s3cr@t"))
+    base = http_server.base_url
+    assert check_tracking_server(base.replace("://", "://ci:s3cr%40t@") + "/")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr@t")
+    assert check_tracking_server(base)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name)
+    http_server.add("/health", b"OK", token="tok-77")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-77")
+    assert check_tracking_server(base)
+    assert http_server.authorizations("/health") == [_basic("ci", "s3cr@t")] * 2 + ["Bearer tok-77"]
+
+
+def test_preflight_refused_credentials_one_line_without_the_password(
+        http_server: ArchiveServer, no_mlflow_credentials):
+    http_server.add("/health", b"OK", basic=("ci", "right"))
+    uri = http_server.base_url.replace("://", "://ci:hunter2@")
+    with pytest.raises(PreflightError) as err:
+        check_tracking_server(uri, timeout=2)
+    message = str(err.value)
+    assert "HTTP 401" in message and "ci:***@127.0.0.1" in message and "\n" not in message
+    assert "hunter2" not in message and "MLFLOW_TRACKING_PASSWORD" in message
+
+
+def test_mlflow_link_to_a_server_with_credentials(http_server: ArchiveServer, no_mlflow_credentials):
+    http_server.add("/api/2.0/mlflow/runs/get?run_id=abc123",
+                    b'{"run": {"info": {"experiment_id": "7"}}}', basic=("ci", "hunter2"))
+    base = http_server.base_url
+    text = mlflow_link(base.replace("://", "://ci:hunter2@"), "abc123")
+    assert text == f"MLflow run: [abc123]({base}/#/experiments/7/runs/abc123)"
+    assert "hunter2" not in mlflow_link(base.replace("://", "://ci:hunter2@"), "gone")
 
 
 @pytest.mark.slow
