@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bit_core.redact import redact, redact_value
+
 app = typer.Typer(help="bit-pipeline: fine-tune, export, compile and measure BiT (ResNetV2) "
                   "models with DVC, MLflow and Prefect.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -27,7 +29,8 @@ SetOption = Annotated[list[str] | None, typer.Option(
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """Print one redacted error line and exit with status 2."""
+    err_console.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -63,7 +66,7 @@ def params(file: Path = typer.Option(Path("params.yaml"), help="parameters file"
         loaded = load_params(file)
     except ConfigError as err:
         _fail(str(err))
-    console.print_json(json.dumps(loaded.model_dump()))
+    console.print_json(json.dumps(redact_value(loaded.model_dump())))
 
 
 @app.command("fetch-weights")
@@ -198,7 +201,7 @@ def compare_loss(
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
+    console.print(f"MLflow UI for {redact(uri)} on http://127.0.0.1:{port}")
     mlflow = str(Path(sys.executable).with_name("mlflow"))
     raise typer.Exit(subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host",
                                      "127.0.0.1", "--port", str(port)], env=_env()).returncode)

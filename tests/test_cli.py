@@ -34,6 +34,29 @@ def test_params_valid_and_invalid(tmp_path, repo_root):
     assert result.exit_code == 2 and "unknown key 'train.eval_evry'" in result.output
 
 
+def test_params_never_print_a_mirror_password(tmp_path, repo_root):
+    from flows.overrides import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(repo_root / "params.yaml", path)
+    apply_overrides(path, ["data.url=https://ci:hunter2@mirror.example/cifar-10-python.tar.gz"])
+    result = runner.invoke(app, ["params", "--file", str(path)])
+    assert result.exit_code == 0 and "https://ci:***@mirror.example/" in result.output
+    assert "hunter2" not in result.output
+
+
+def test_fetch_weights_error_is_one_redacted_line(tmp_path):
+    from tests.http_fixtures import ArchiveServer
+
+    with ArchiveServer() as server:
+        url = server.add("/BiT-M-R50x1.npz", b"", basic=("ci", "right"))
+        url = url.replace("://", "://ci:hunter2@")
+        result = runner.invoke(app, ["fetch-weights", "BiT-M-R50x1", "--cache-dir", str(tmp_path),
+                                     "--url", url])
+    assert result.exit_code == 2 and "HTTP 401" in result.output and "ci:***@" in result.output
+    assert "hunter2" not in result.output
+
+
 def test_run_refuses_bad_override_without_touching_params(tmp_path, repo_root, monkeypatch):
     shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
