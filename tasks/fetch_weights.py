@@ -11,6 +11,7 @@ from bit_core.config import Params
 from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.download import file_digest
 from bit_core.io import atomic_dir, atomic_write_json
+from bit_core.redact import redact
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
 
@@ -30,7 +31,7 @@ def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
             if cfg.source == "official":
                 src = fetch_official(name, Path(cfg.cache_dir), url=cfg.url, sha256=cfg.sha256,
                                      progress=progress)
-                record["url"] = cfg.url or official_url(name)
+                record["url"] = redact(cfg.url or official_url(name))  # logged and kept
             else:
                 src = Path(cfg.path).expanduser()
                 verify_npz(src, name)

@@ -161,3 +161,25 @@ def test_fetch_official_offline_says_where_to_put_it(tmp_path):
         port = sock.getsockname()[1]
     with pytest.raises(DownloadError, match=str(tmp_path / f"{NAME}.npz")):
         fetch_official(NAME, tmp_path, url=f"http://127.0.0.1:{port}/{NAME}.npz", progress=False)
+
+
+def test_fetch_weights_stage_records_the_mirror_without_its_password(official, tmp_path,
+                                                                     http_server, repo_root):
+    import json
+
+    import yaml
+
+    from bit_core.config import parse_params
+    from bit_core.contracts import WEIGHTS_SOURCE
+    from tasks.fetch_weights import fetch_weights
+
+    data = official[0].read_bytes()
+    url = http_server.add(f"/bit_models/{NAME}.npz", data, basic=("ci", "hunter2"))
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["model"]["name"] = NAME
+    raw["weights"].update(source="official", cache_dir=str(tmp_path / "cache"),
+                          url=url.replace("://", "://ci:hunter2@"))
+    record = fetch_weights(parse_params(raw), tmp_path / "out", progress=False)
+    written = (tmp_path / "out" / WEIGHTS_SOURCE).read_text()
+    assert record["url"] == url.replace("://", "://ci:***@") == json.loads(written)["url"]
+    assert "hunter2" not in written
