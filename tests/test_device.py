@@ -1,4 +1,4 @@
-"""Device and precision selection on a machine without CUDA or Ascend."""
+"""Device and precision selection, on whatever this host has: CPU only, CUDA or Ascend."""
 
 from __future__ import annotations
 
@@ -8,16 +8,38 @@ import torch
 from bit_core.device import DeviceError, resolve_device, resolve_precision
 
 
-def test_auto_is_cpu_here():
-    assert not torch.cuda.is_available()
-    assert resolve_device("auto").type == "cpu"
+def _npu_visible() -> bool:
+    try:
+        return resolve_device("npu").type == "npu"
+    except DeviceError:
+        return False
 
 
+CUDA = torch.cuda.is_available()
+NPU = _npu_visible()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this host")
+without_cuda = pytest.mark.skipif(CUDA, reason="a CUDA GPU is visible on this host")
+
+
+def test_auto_picks_the_visible_accelerator_else_cpu():
+    expected = "cuda" if CUDA else "npu" if NPU else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@without_cuda
 def test_cuda_absent_is_a_clear_error():
     with pytest.raises(DeviceError, match="no CUDA GPU is visible.*device: cpu"):
         resolve_device("cuda")
 
 
+@needs_cuda
+def test_cuda_present_is_used_with_half_precision_by_default():
+    device = resolve_device("cuda")
+    assert device.type == "cuda"
+    assert resolve_precision("auto", device) in ("bf16", "fp16")
+
+
+@pytest.mark.skipif(NPU, reason="an Ascend NPU is usable on this host")
 def test_npu_absent_is_a_clear_error():
     with pytest.raises(DeviceError, match="npu.*set device: cpu"):
         resolve_device("npu")
@@ -31,6 +53,7 @@ def test_precision_defaults():
         resolve_precision("fp16", cpu)
 
 
+@without_cuda
 def test_finetune_stage_reports_missing_device(tmp_path, repo_root, monkeypatch, capsys):
     from flows.overrides import apply_overrides
     from tasks import finetune
