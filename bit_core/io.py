@@ -3,7 +3,6 @@ half-written file."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -13,8 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-@functools.cache
 def _umask() -> int:
+    """The process's umask now (it can change between calls, so it is never cached).
+
+    Linux reports it in /proc/self/status. Elsewhere os.umask is the only way to read it and it
+    sets it too, so the value is put back at once; a file another thread creates in between
+    would get the default mode.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

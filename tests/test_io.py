@@ -26,6 +26,21 @@ def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path: Path):
         os.umask(old)
 
 
+def test_each_output_follows_the_umask_of_its_time(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        assert _mode(atomic_write_text(tmp_path / "first.txt", "x")) == 0o644
+        os.umask(0o077)
+        assert _mode(atomic_write_text(tmp_path / "second.txt", "x")) == 0o600
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("y")
+        assert _mode(tmp_path / "d") == 0o700
+        os.umask(0o002)
+        assert _mode(atomic_write_text(tmp_path / "third.txt", "x")) == 0o664
+    finally:
+        os.umask(old)
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporaries(tmp_path: Path):
     target = atomic_write_json(tmp_path / "m.json", {"a": 1})
 
