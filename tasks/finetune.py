@@ -7,7 +7,7 @@ import csv
 import json
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from pathlib import Path
@@ -85,13 +85,6 @@ class ProgressReporter:
             log.info("step %d: %s", record["step"], stats)
 
 
-class _NoTracking:
-    """Stands in for mlflow on the non-main processes of a multi-process run."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
 def _describe_resume_dir(resume_dir: Path) -> None:
     resume_dir.mkdir(parents=True, exist_ok=True)
     note = resume_dir / "README.txt"
@@ -106,35 +99,26 @@ def _describe_resume_dir(resume_dir: Path) -> None:
 RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile"})
 
 
-def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> None:
+def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> bool:
     """Continue from an interrupted run's checkpoint when it was made by the same recipe."""
     if resume_file is None or not resume_file.is_file():
-        return
+        return False
     saved = torch.load(resume_file, map_location="cpu", weights_only=True)
     recipe = {k: v for k, v in trainer.cfg.model_dump().items() if k not in RESUME_NEUTRAL}
     same = {k: v for k, v in saved.get("config", {}).items() if k not in RESUME_NEUTRAL} == recipe \
         and all(saved.get(key) == value for key, value in meta.items())
     if not same:
         log.info("ignoring %s: it was written with other parameters", resume_file)
-        return
+        return False
     trainer.load_state_dict(saved)
     log.info("resuming from step %d of %s", trainer.state.step, resume_file)
+    return True
 
 
-def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
-             reports: Path, resume_dir: Path | None = None) -> dict:
-    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
-
-    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
-    survives the stage being re-run); a later run with the same parameters resumes from it.
-
-    Under torchrun every process trains on its slice of each batch; the first process alone
-    evaluates, logs to MLflow and writes files.
-    """
+def _datasets(params: Params, data_root: Path, splits: Path):
+    """(train set, val set, classes, (precrop, crop)) of the prepared splits."""
     cfg = params.train
-    torch.manual_seed(cfg.seed)
     stats = json.loads((splits / "stats.json").read_text())
-    classes = read_classes(splits)
     precrop, crop = resolve_sizes(params, stats)
     train_samples = read_split(splits / "train.csv")
     cache = len(train_samples) <= CACHE_LIMIT
@@ -142,6 +126,36 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
                                  cache=cache)
     val_set = ImageListDataset(data_root, read_split(splits / "val.csv"), eval_transform(crop),
                                cache=cache)
+    return train_set, val_set, read_classes(splits), (precrop, crop)
+
+
+def _plan_params(params: Params, trainer: Trainer, sizes: tuple[int, int], world, device,
+                 train_set, classes) -> dict:
+    """params.yaml as run, plus what the HyperRule and the host resolved it to."""
+    precrop, crop = sizes
+    return {**_flat_params(params), "plan.schedule": trainer.plan.schedule,
+            "plan.lr": trainer.plan.lr, "plan.mixup_alpha": trainer.plan.mixup_alpha,
+            "plan.precrop": precrop, "plan.resolution": crop,
+            "plan.precision": trainer.precision, "plan.compile": trainer.compiled,
+            "plan.device": str(device), "plan.processes": world.size,
+            "data.train_images": len(train_set), "data.classes": len(classes)}
+
+
+def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
+             reports: Path, resume_dir: Path | None = None) -> dict:
+    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
+
+    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
+    survives the stage being re-run); a later run with the same parameters resumes from it and
+    continues its MLflow run. The run ends FINISHED, KILLED when stopped by a signal (the
+    checkpoint is kept), or FAILED.
+
+    Under torchrun every process trains on its slice of each batch; the first process alone
+    evaluates, logs to MLflow and writes files.
+    """
+    cfg = params.train
+    torch.manual_seed(cfg.seed)
+    train_set, val_set, classes, sizes = _datasets(params, data_root, splits)
     world, device = distributed.init(resolve_device(cfg.device))
     weights = weights_dir / WEIGHTS_FILE
     model = create_model(params.model.name, num_classes=len(classes),
@@ -154,56 +168,53 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         logits, labels = predict_all(predict, _loader(val_set, 64, cfg.workers))
         return {f"val_{k}": v for k, v in topk_accuracy(logits, labels).items()}
 
-    meta = {"model_name": params.model.name, "classes": classes, "resolution": crop,
-            "precrop": precrop, "num_classes": len(classes)}
-    if world.is_main:
-        run_id = tracking.start_run(params.tracking.experiment,
-                                    run_name=f"{params.model.name}-{params.data.source}")
-        import mlflow
-
-        steplog = tracking.StepLogger(run_id)
-    else:
-        mlflow = steplog = _NoTracking()
+    meta = {"model_name": params.model.name, "classes": classes, "resolution": sizes[1],
+            "precrop": sizes[0], "num_classes": len(classes)}
+    trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
+                      checkpoint_meta=meta, evaluate=evaluate, rank=world.rank, world=world.size)
+    resume_file = resume_dir / CHECKPOINT if resume_dir else None
+    if resume_dir is not None and world.is_main:
+        _describe_resume_dir(resume_dir)
+    resumed = _maybe_resume(trainer, resume_file, meta)
     try:
-        trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
-                          checkpoint_meta=meta, evaluate=evaluate,
-                          on_eval=lambda m: mlflow.log_metrics(
-                              {k: v for k, v in m.items() if k != "step"}, step=m["step"]),
-                          rank=world.rank, world=world.size)
-        mlflow.log_params({**_flat_params(params), "plan.schedule": trainer.plan.schedule,
-                           "plan.lr": trainer.plan.lr, "plan.mixup_alpha": trainer.plan.mixup_alpha,
-                           "plan.precrop": precrop, "plan.resolution": crop,
-                           "plan.precision": trainer.precision, "plan.compile": trainer.compiled,
-                           "plan.device": str(device),
-                           "plan.processes": world.size,
-                           "data.train_images": len(train_set), "data.classes": len(classes)})
-        resume_file = resume_dir / CHECKPOINT if resume_dir else None
-        if resume_dir is not None and world.is_main:
-            _describe_resume_dir(resume_dir)
-        _maybe_resume(trainer, resume_file, meta)
-        start = time.perf_counter()
-        with ProgressReporter(trainer.plan.steps, trainer.state.step, cfg.eval_every) as progress:
-            trainer.on_step = _both(steplog, progress) if world.is_main else None
-            state = trainer.fit(resume_file or out / CHECKPOINT)
-        seconds = time.perf_counter() - start
-        if resume_file is not None and world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if state.step < trainer.plan.steps:  # stopped early: the next run continues from it
-                atomic_write(out / CHECKPOINT, lambda tmp: shutil.copyfile(resume_file, tmp))
-            else:
-                os.replace(resume_file, out / CHECKPOINT)
         if not world.is_main:
+            _fit(trainer, resume_file, out, None)
             return {}
-        steplog.flush()
-        metrics = _write_reports(params, state, seconds, reports)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        mlflow.log_artifact(str(reports / "loss.png"), "plots")
-        mlflow.log_artifact(str(reports / "loss.csv"), "plots")
-        tracking.write_run_file(out, run_id)
+        with tracking.training_run(params.tracking.experiment,
+                                   f"{params.model.name}-{params.data.source}",
+                                   continue_from=resume_dir if resumed else None,
+                                   record_in=resume_dir) as run:
+            run.log_params(_plan_params(params, trainer, sizes, world, device, train_set, classes))
+            trainer.on_eval = lambda m: run.log_metrics(
+                {k: v for k, v in m.items() if k != "step"}, step=m["step"])
+            state, seconds = _fit(trainer, resume_file, out, run)
+            metrics = _write_reports(params, state, seconds, reports)
+            run.log_metrics({k: float(v) for k, v in metrics.items()})
+            for name in ("loss.png", "loss.csv"):
+                run.log_artifact(reports / name, "plots")
+            run.log_artifact(out / CHECKPOINT, "checkpoint")
+            tracking.write_run_file(out, run.id)
+        return metrics
     finally:
-        mlflow.end_run()
         distributed.finish()
-    return metrics
+
+
+def _fit(trainer: Trainer, resume_file: Path | None, out: Path, run) -> tuple:
+    """Train to the end (or to stop_after); leave the checkpoint in `out` (and, when stopped
+    early, in the resume directory for the next run). Returns (state, seconds)."""
+    start = time.perf_counter()
+    main = trainer.rank == 0
+    with ProgressReporter(trainer.plan.steps, trainer.state.step, trainer.cfg.eval_every) as bar:
+        trainer.on_step = _both(run.log_step, bar) if run is not None else None
+        state = trainer.fit(resume_file or out / CHECKPOINT)
+    seconds = time.perf_counter() - start
+    if resume_file is not None and main:
+        out.mkdir(parents=True, exist_ok=True)
+        if state.step < trainer.plan.steps:  # stopped early: the next run continues from it
+            atomic_write(out / CHECKPOINT, lambda tmp: shutil.copyfile(resume_file, tmp))
+        else:
+            os.replace(resume_file, out / CHECKPOINT)
+    return state, seconds
 
 
 def _both(*callbacks):
@@ -228,11 +239,26 @@ def _write_reports(params: Params, state, seconds: float, reports: Path) -> dict
 
 
 def relaunch_with_torchrun(processes: int, argv: list[str]) -> int:
-    """Run this stage again as `processes` torchrun workers on this host; return the exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={processes}", "-m", "tasks.finetune", *argv]
-    log.info("starting %d training processes: %s", processes, " ".join(command))
-    return subprocess.run(command).returncode
+    """Run this stage again as `processes` torchrun workers on this host; return the exit code.
+
+    A worker reports its own errors and stops in one line (exit code 2); the others are then
+    stopped with SIGTERM. Any other failure is named here.
+    """
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    try:
+        failed = distributed.launch(processes, ["-m", "tasks.finetune", *argv])
+    except SignalException as stop:  # passed on to the workers, which say where they stopped
+        return 128 + stop.sigval
+    if not failed:
+        return 0
+    crashed = {rank: code for rank, code in failed.items() if code not in (2, -signal.SIGTERM)}
+    if not crashed and 2 in failed.values():
+        return 2
+    rank = min(crashed or failed)
+    print(f"error: finetune: training process {rank} exited with code {failed[rank]}; "
+          "its output above says why", file=sys.stderr)
+    return 1
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

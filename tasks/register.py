@@ -69,6 +69,7 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
         client.set_model_version_tag(cfg.model_name, version.version, "parity_ok", str(parity))
         client.set_registered_model_alias(cfg.model_name, alias, version.version)
         mlflow.set_tags({"registry.version": version.version, "registry.alias": alias})
+        mlflow.set_tags(tracking.dvc_out_hashes())  # this run's: see dvc_out_hashes
     record = {"model_name": cfg.model_name, "version": int(version.version), "alias": alias,
               "metric": cfg.metric, "value": value, "previous_champion": current,
               "parity_ok": parity}

@@ -1,8 +1,8 @@
 """MLflow: one run per pipeline execution, which the stages (separate processes) append to.
 
 The fine-tune stage opens the run (or adopts ``MLFLOW_RUN_ID`` when a flow opened it) and writes
-its id next to the checkpoint; export, compile and evaluate read that id and append. The run is
-tagged with the git commit and the DVC hashes of the data and weights it was trained on.
+its id next to the checkpoint; export, evaluate and register read that id and append. The run is
+tagged with the git commit, and by the last stage with the DVC hashes of this run's outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from pathlib import Path
 import yaml
 
 from bit_core.contracts import MLFLOW_RUN
+from bit_core.errors import Interrupted
+from bit_core.redact import redact, redact_value
+from tasks.common import log
+
 
 def configure() -> str:
     """Telemetry off; default store sqlite:///mlflow.db in the working directory (repo root)."""
@@ -39,7 +43,11 @@ def git_commit() -> str | None:
 
 
 def dvc_out_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
-    """{"dvc.<stage>.<out path>": md5} for every output recorded in dvc.lock so far."""
+    """{"dvc.<stage>.<out path>": md5} for every output recorded in dvc.lock so far.
+
+    DVC writes a stage's lock entry as soon as that stage has run, so read from the last stage
+    of a pipeline these are the hashes of the data and models this very run used and made.
+    """
     if not lock.is_file():
         return {}
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
@@ -47,23 +55,108 @@ def dvc_out_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
             for stage, entry in stages.items() for out in entry.get("outs", [])}
 
 
-def start_run(experiment: str, run_name: str | None = None) -> str:
-    """Open (or adopt MLFLOW_RUN_ID) the pipeline's run; return its id. Leaves it active."""
+def _run_exists(run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def start_run(experiment: str, run_name: str | None = None,
+              continue_run: str | None = None) -> str:
+    """Open the pipeline's run and return its id; it stays active.
+
+    Adopts ``MLFLOW_RUN_ID`` when a flow opened the run; else continues `continue_run` (an
+    interrupted fine-tune's run) when the store still has it; else starts a new run.
+    """
     import mlflow
 
     configure()
     if os.environ.get("MLFLOW_RUN_ID"):
         return mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]).info.run_id
     mlflow.set_experiment(experiment)
-    tags = {"git.commit": git_commit() or "unknown", **dvc_out_hashes()}
+    if continue_run and _run_exists(continue_run):
+        log.info("continuing MLflow run %s", continue_run)
+        return mlflow.start_run(run_id=continue_run).info.run_id
+    tags = {"git.commit": git_commit() or "unknown"}
+    if continue_run:  # the interrupted run is gone from this store: link it at least
+        tags["resumed_from_run"] = continue_run
     return mlflow.start_run(run_name=run_name, tags=tags).info.run_id
+
+
+class TrainingRun:
+    """The fine-tune's handle on its MLflow run: params, metrics, per-step records, artifacts."""
+
+    def __init__(self, run_id: str, continued: bool):
+        from mlflow.tracking import MlflowClient
+
+        self.id, self.client = run_id, MlflowClient()
+        self.logged = self.client.get_run(run_id).data.params if continued else {}
+        self.steps = StepLogger(run_id)
+
+    def log_params(self, params: dict) -> None:
+        """Log params; on a continued run, a value that changed since (a setting that does not
+        change what is computed, such as stop_after) is recorded as a ``resumed.<key>`` tag."""
+        import mlflow
+
+        params = {k: str(v) for k, v in redact_value(params).items()}
+        changed = {k: v for k, v in params.items() if k in self.logged and self.logged[k] != v}
+        mlflow.log_params({k: v for k, v in params.items() if k not in self.logged})
+        if changed:
+            mlflow.set_tags({f"resumed.{k}": v for k, v in changed.items()})
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics, step=step)
+
+    def log_step(self, record: dict) -> None:
+        self.steps(record)
+
+    def log_artifact(self, path: Path, directory: str) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), directory)
+
+
+@contextmanager
+def training_run(experiment: str, run_name: str, *, continue_from: Path | None,
+                 record_in: Path | None) -> Iterator[TrainingRun]:
+    """Open the fine-tune's run; end it FINISHED, KILLED (stopped by a signal) or FAILED.
+
+    Args:
+        experiment: the MLflow experiment.
+        run_name: the name of a new run.
+        continue_from: a directory whose run record names the run to continue (the resume
+            directory of an interrupted fine-tune), or None for a new run.
+        record_in: where to record this run's id, so that a run interrupted later is continued.
+    """
+    import mlflow
+
+    previous = read_run_id(continue_from) if continue_from else None
+    run_id = start_run(experiment, run_name, continue_run=previous)
+    if record_in is not None:
+        write_run_file(record_in, run_id)
+    run = TrainingRun(run_id, continued=run_id == previous)
+    try:
+        yield run
+    except BaseException as err:
+        run.steps.flush()
+        mlflow.end_run("KILLED" if isinstance(err, Interrupted) else "FAILED")
+        raise
+    run.steps.flush()
+    mlflow.end_run()
 
 
 def write_run_file(directory: Path, run_id: str) -> None:
     from bit_core.io import atomic_write_json
 
     atomic_write_json(Path(directory) / MLFLOW_RUN,
-                      {"run_id": run_id, "tracking_uri": os.environ.get("MLFLOW_TRACKING_URI")})
+                      {"run_id": run_id,
+                       "tracking_uri": redact(os.environ.get("MLFLOW_TRACKING_URI") or "")})
 
 
 def read_run_id(directory: Path) -> str | None:

@@ -133,8 +133,10 @@ def test_one_mlflow_run_holds_every_stage(pipeline):
     assert "onnx_max_abs_diff" in run.data.metrics and "test_onnxruntime_top1" in run.data.metrics
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert run.data.tags["git.commit"]
+    assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"plots", "onnx", "evaluation"} <= artifacts
+    assert {"plots", "onnx", "evaluation", "checkpoint", "om"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/checkpoint.pt"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -256,3 +258,58 @@ def test_om_models_reach_the_evaluation(pipeline, tmp_path, monkeypatch):
     assert run.data.metrics["om_fps_bs4"] == metrics["om_fps_bs4"]
     logged = {a.path for a in client.list_artifacts(run_id, "om")}
     assert {"om/manifest.json", "om/bs1_linux_x86_64.om", "om/bs4_linux_x86_64.om"} <= logged
+
+
+def test_a_stopped_finetune_ends_its_run_killed_and_the_resumed_one_continues_it(pipeline,
+                                                                                  tmp_path):
+    """SIGTERM mid-run: the MLflow run ends KILLED with the steps so far; the next run resumes
+    the checkpoint and continues the same MLflow run (same id, the loss steps go on)."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    work = pipeline[0]
+    params = tmp_path / "params.yaml"
+    params.write_text((work / "params.yaml").read_text())
+    apply_overrides(params, ["train.schedule=[2, 500]"])
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "BIT_PARAMS": str(params), "MLFLOW_TRACKING_URI": store}
+    env.pop("MLFLOW_RUN_ID", None)
+    argv = [sys.executable, "-m", "tasks.finetune", "--data", "data/raw", "--splits",
+            "data/prepared", "--weights", "models/pretrained", "--out", str(tmp_path / "ft"),
+            "--reports", str(tmp_path / "rep"), "--resume-dir", str(tmp_path / "resume")]
+    process = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if "step 2:" in line:  # logged every eval_every (1) steps
+                process.send_signal(signal.SIGTERM)
+                break
+        output = process.stdout.read()
+        assert process.wait(timeout=120) == 2, output
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "stopped by signal" in output and "Traceback" not in output
+    client = MlflowClient(store)
+    run_id = json.loads((tmp_path / "resume/mlflow_run.json").read_text())["run_id"]
+    first = client.get_run(run_id)
+    stopped_at = torch.load(tmp_path / "resume/checkpoint.pt", weights_only=True)["step"]
+    assert first.info.status == "KILLED" and stopped_at >= 2
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == \
+        list(range(1, stopped_at + 1))
+
+    apply_overrides(params, [f"train.stop_after={stopped_at + 2}"])  # changes nothing computed
+    again = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"continuing MLflow run {run_id}" in again.stderr
+    assert f"resuming from step {stopped_at}" in again.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == \
+        list(range(1, stopped_at + 3))
+    assert run.data.tags["resumed.train.stop_after"] == str(stopped_at + 2)
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"plots", "checkpoint"}
