@@ -20,7 +20,6 @@ goes through :func:`bit_core.redact.redact`.
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import netrc
 import os
@@ -29,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,6 +44,7 @@ from rich.progress import (
 )
 
 from bit_core.errors import DownloadError
+from bit_core.io import file_digest, file_digests
 from bit_core.redact import redact, split_credentials
 
 __all__ = ["PASSWORD_ENV", "TOKEN_ENV", "DownloadError", "basic_auth", "download", "file_digest"]
@@ -53,8 +53,6 @@ __all__ = ["PASSWORD_ENV", "TOKEN_ENV", "DownloadError", "basic_auth", "download
 TOKEN_ENV = "BIT_MIRROR_TOKEN"  # bearer token for a mirror URL
 PASSWORD_ENV = "BIT_MIRROR_PASSWORD"  # password for a mirror URL that names only its user
 
-# Hashing reads the file in chunks of this many bytes.
-HASH_CHUNK_SIZE = 1 << 20
 # Network reads ask for at most this many bytes at a time (also the progress granularity).
 _READ_SIZE = 1 << 16
 # Pause before retry n (n >= 1) is _RETRY_DELAY_S * 2 ** (n - 1), capped; no pause when the
@@ -95,23 +93,6 @@ class _Auth(NamedTuple):
 def basic_auth(user: str, password: str) -> str:
     """The ``Authorization`` header value for HTTP basic authentication (UTF-8, RFC 7617)."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks.
-
-    Args:
-        path: File to hash.
-        algorithm: Any name :func:`hashlib.new` accepts, e.g. ``"sha256"`` or ``"md5"``.
-
-    Returns:
-        The lowercase hexadecimal digest.
-
-    Raises:
-        ValueError: If ``algorithm`` is not supported by :mod:`hashlib`.
-        OSError: If the file cannot be read.
-    """
-    return _file_digests(Path(path), [algorithm])[algorithm]
 
 
 def download(
@@ -410,23 +391,11 @@ def _mismatch(path: Path, expected: Mapping[str, str]) -> tuple[str, str, str] |
     """First (algorithm, expected, actual) that does not match, or None if all match."""
     if not expected:
         return None
-    actual = _file_digests(path, expected)
+    actual = file_digests(path, expected)
     for algorithm, want in expected.items():
         if actual[algorithm] != want:
             return algorithm, want, actual[algorithm]
     return None
-
-
-def _file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
-    """Hex digests of one file for several algorithms, in a single pass of 1 MiB reads."""
-    hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
-    buffer = bytearray(HASH_CHUNK_SIZE)
-    view = memoryview(buffer)
-    with path.open("rb") as file:
-        while n := file.readinto(buffer):
-            for hasher in hashers.values():
-                hasher.update(view[:n])
-    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None, int | None]:

@@ -16,9 +16,9 @@ import onnx
 import torch
 from torch import nn
 
+from bit_core.errors import ParityError
 from bit_core.io import atomic_path
 from bit_core.model import fold_weight_standardization
-from bit_core.errors import ParityError
 
 INPUT, OUTPUT = "image", "logits"
 # Protobuf cannot hold a model over 2 GiB: larger weights go to a side file.

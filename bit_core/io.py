@@ -3,11 +3,12 @@ half-written file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,3 +86,36 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         os.replace(final, old / final.name)
         shutil.rmtree(old, ignore_errors=True)
     os.replace(tmp, final)
+
+
+# Hashing reads a file in chunks of this many bytes.
+HASH_CHUNK_SIZE = 1 << 20
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks.
+
+    Args:
+        path: File to hash.
+        algorithm: Any name :func:`hashlib.new` accepts, e.g. ``"sha256"`` or ``"md5"``.
+
+    Returns:
+        The lowercase hexadecimal digest.
+
+    Raises:
+        ValueError: If ``algorithm`` is not supported by :mod:`hashlib`.
+        OSError: If the file cannot be read.
+    """
+    return file_digests(Path(path), [algorithm])[algorithm]
+
+
+def file_digests(path: Path, algorithms: Iterable[str]) -> dict[str, str]:
+    """Hex digests of one file for several algorithms, in a single pass of 1 MiB reads."""
+    hashers = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
+    buffer = bytearray(HASH_CHUNK_SIZE)
+    view = memoryview(buffer)
+    with path.open("rb") as file:
+        while n := file.readinto(buffer):
+            for hasher in hashers.values():
+                hasher.update(view[:n])
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}

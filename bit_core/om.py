@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bit_core.contracts import OM_MANIFEST, OMBuild, OMManifest, OMStatus
-from bit_core.download import file_digest
 from bit_core.errors import OMError
+from bit_core.io import file_digest
 
 SET_ENV = Path("/usr/local/Ascend/ascend-toolkit/set_env.sh")
 DYNAMIC_NAME = "dynamic"

@@ -34,9 +34,9 @@ import numpy as np
 from PIL import Image
 
 from bit_core.contracts import read_split_marker, write_split_marker
-from bit_core.errors import DataError
-from bit_core.download import DownloadError, download, file_digest
-from bit_core.io import atomic_dir
+from bit_core.download import download
+from bit_core.errors import DataError, DownloadError
+from bit_core.io import atomic_dir, file_digest
 
 DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",

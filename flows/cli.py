@@ -76,7 +76,8 @@ def fetch_weights(
     url: str | None = typer.Option(None, help="mirror URL instead of the official one"),
 ) -> None:
     """Download an official checkpoint (resumable), verify it, and print its path and sha256."""
-    from bit_core.download import DownloadError, file_digest
+    from bit_core.download import DownloadError
+    from bit_core.io import file_digest
     from bit_core.weights import WeightsError, fetch_official
 
     try:

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from bit_core.config import Params
 from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
-from bit_core.download import file_digest
-from bit_core.io import atomic_dir, atomic_write_json
+from bit_core.io import atomic_dir, atomic_write_json, file_digest
 from bit_core.redact import redact
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
