@@ -69,3 +69,32 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def launch(processes: int, argv: list[str]) -> dict[int, int]:
+    """Run ``python <argv>`` as `processes` workers on this host, as ``torchrun --standalone``
+    does but with its agent in this process; return the exit codes of the workers that failed,
+    by rank (empty when all succeeded).
+
+    How the agent stops workers (torch 2.14, ``torch/distributed/elastic``): each worker runs in
+    a session of its own, so a signal sent to this process's group reaches the workers only
+    through the agent. On SIGTERM, SIGINT, SIGHUP or SIGQUIT it sends the same signal to every
+    worker's process group, SIGKILLs those still alive after its shutdown timeout
+    (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, default 30 s) and raises ``SignalException`` here.
+    When one worker exits non-zero, it SIGTERMs the others, with the same timeout before
+    SIGKILL. Those 30 s are what a stopped trainer has to finish its step and write the
+    checkpoint; the flow waits longer than that (``BIT_STOP_GRACE``) before it SIGKILLs this
+    process, so the agent is still there to kill workers that overrun.
+
+    Raises:
+        torch.distributed.elastic.multiprocessing.SignalException: this process got one of the
+            signals above (the workers were passed it and have exited, or were killed).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={processes}", *argv]))
+    except ChildFailedError as failed:
+        return {rank: failure.exitcode for rank, failure in failed.failures.items()}
+    return {}
