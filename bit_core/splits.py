@@ -8,6 +8,7 @@ index format serve the embedded digits, CIFAR, ImageNet and any user folder.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from bit_core.errors import DataError
+from bit_core.io import file_digest
 
 SPLITS = ("train", "val", "test")
 
@@ -104,3 +106,12 @@ def read_split(path: Path) -> list[Sample]:
 def read_classes(prepared: Path) -> list[str]:
     """Class names in index order, as written by the prepare step."""
     return json.loads((Path(prepared) / "classes.json").read_text())
+
+
+def fingerprint(prepared: Path) -> str:
+    """A digest of the prepared splits (index files, class list, statistics): equal digests mean
+    the same images in the same splits with the same labels, so metrics on them compare."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(prepared).iterdir() if p.is_file()):
+        digest.update(f"{path.name}:{file_digest(path)}\n".encode())
+    return digest.hexdigest()

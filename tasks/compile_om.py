@@ -11,7 +11,7 @@ from pathlib import Path
 
 from bit_core.config import Params
 from bit_core.contracts import OMManifest, OMStatus
-from bit_core.om import OMError, compile_om, onnx_resolution
+from bit_core.om import compile_om, onnx_resolution
 from tasks.common import log, stage_main
 
 

@@ -1,78 +1,135 @@
 """Stage register: the ONNX model into the MLflow Model Registry, as champion or challenger.
 
-The alias ``champion`` moves to the new version only when its ONNX parity check passed and its
-test metric is at least the current champion's plus the margin; otherwise the new version is the
-``challenger``. ``models:/<name>@champion`` always names the model to deploy.
+Versions compete only with versions trained and tested on the same prepared data (the same
+source, splits and classes): a top-1 on the digits says nothing about a CIFAR-10 model. Among
+those, the champion is the version that would hold the title had they been registered one after
+another: a version whose ONNX parity passed takes it when its test metric is at least the
+holder's plus the margin. When the current champion was trained on other data the new version
+is the ``challenger``, and the record says why. ``models:/<name>@champion`` names the model to
+deploy; give each data set its own ``registry.model_name`` (the presets do).
+
+Two registers at the same time (the nightly gpu and npu runs) cannot leave a wrong champion:
+each one, after registering, recomputes the champion from all the versions and moves the alias
+until what it reads back is what the rule gives. The rule depends only on the set of versions,
+so whichever register writes last writes the same answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from bit_core.config import ConfigError, Params, RegistryConfig
+from bit_core.config import Params
+from bit_core.errors import ConfigError
 from bit_core.io import atomic_write_json
+from bit_core.splits import fingerprint
 from tasks import tracking
 from tasks.common import log, stage_main
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-METRIC_TAG = "test_metric"
+METRIC_TAG, PARITY_TAG = "test_metric", "parity_ok"
+SOURCE_TAG, DATA_TAG = "data.source", "data.fingerprint"
+SETTLE_ROUNDS = 20  # alias moves before giving up; two racing registers need two or three
 
 
-def champion_metric(client, name: str) -> float | None:
-    """The current champion's recorded metric, or None when there is no champion."""
+@dataclass(frozen=True)
+class Candidate:
+    """A registered version as the champion rule sees it."""
+
+    version: int
+    metric: float
+    parity_ok: bool
+    data: str | None  # fingerprint of the prepared data; None for versions without one
+
+
+def choose_champion(candidates: list[Candidate], margin: float) -> int | None:
+    """The champion had `candidates` been registered one after another, or None."""
+    best = None
+    for c in sorted(candidates, key=lambda c: c.version):
+        if c.parity_ok and (best is None or c.metric >= best.metric + margin):
+            best = c
+    return best.version if best else None
+
+
+def _candidate(version) -> Candidate:
+    tags = version.tags
+    return Candidate(int(version.version), float(tags.get(METRIC_TAG, "nan")),
+                     tags.get(PARITY_TAG) == "True", tags.get(DATA_TAG))
+
+
+def _holder(client, name: str) -> Candidate | None:
+    """The version the champion alias points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return _candidate(client.get_model_version_by_alias(name, CHAMPION))
     except MlflowException:
         return None
-    return float(version.tags.get(METRIC_TAG, "nan"))
 
 
-def decide(cfg: RegistryConfig, new: float, parity_ok: bool, current: float | None) -> str:
-    """Which alias a new version gets."""
-    if not parity_ok:
-        return CHALLENGER
-    if current is None or np.isnan(current):
-        return CHAMPION
-    return CHAMPION if new >= current + cfg.margin else CHALLENGER
+def settle_champion(client, name: str, mine: Candidate, margin: float) -> tuple[str, str | None]:
+    """Move the champion alias to what the rule gives for `mine`'s data; return (alias of
+    `mine`, why it cannot compete or None)."""
+    for _ in range(SETTLE_ROUNDS):
+        holder = _holder(client, name)
+        if holder is not None and holder.data != mine.data:
+            return CHALLENGER, (f"champion version {holder.version} of {name} was trained on other "
+                                "data (or has no data fingerprint), so it is not compared: set registry.model_name for this "
+                                "data set, or move the alias yourself")
+        same = [c for c in map(_candidate, client.search_model_versions(f"name='{name}'"))
+                if c.data == mine.data]
+        want = choose_champion(same, margin)
+        if want is None or (holder is not None and holder.version == want):
+            break
+        client.set_registered_model_alias(name, CHAMPION, str(want))
+    final = _holder(client, name)
+    return (CHAMPION if final and final.version == mine.version else CHALLENGER), None
+
+
+def _log_model(mlflow, onnx_path: Path, resolution: int):
+    example = np.zeros((1, 3, resolution, resolution), np.float32)
+    return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", input_example=example,
+                                 pip_requirements=["onnxruntime"])
 
 
 def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics: Path,
-             export_report: Path, out: Path) -> dict:
-    """Log the ONNX model to the run, register a version, set its alias; write `out`."""
+             export_report: Path, splits: Path, out: Path) -> dict:
+    """Log the ONNX model to the run, register a version, settle the aliases; write `out`."""
     cfg = params.registry
     metrics = json.loads(eval_metrics.read_text())
     if cfg.metric not in metrics:
         raise ConfigError(f"registry.metric {cfg.metric!r} is not in {eval_metrics}: choose one of "
-                       f"{', '.join(k for k in metrics if 'top' in k)}")
+                          f"{', '.join(k for k in metrics if 'top' in k)}")
     value = float(metrics[cfg.metric])
     parity = json.loads(export_report.read_text())["max_abs_diff"] <= params.export.atol
+    data = fingerprint(splits)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow is None:
             raise FileNotFoundError(f"no MLflow run recorded in {checkpoint_dir}: run finetune")
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
-        example = np.zeros((1, 3, metrics["resolution"], metrics["resolution"]), np.float32)
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model",
-                                     input_example=example, pip_requirements=["onnxruntime"])
-        current = champion_metric(client, cfg.model_name)
-        version = mlflow.register_model(info.model_uri, cfg.model_name)
-        alias = decide(cfg, value, parity, current)
-        client.set_model_version_tag(cfg.model_name, version.version, METRIC_TAG, str(value))
-        client.set_model_version_tag(cfg.model_name, version.version, "parity_ok", str(parity))
-        client.set_registered_model_alias(cfg.model_name, alias, version.version)
+        info = _log_model(mlflow, onnx_path, metrics["resolution"])
+        before = _holder(client, cfg.model_name)
+        version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
+            METRIC_TAG: str(value), PARITY_TAG: str(parity), SOURCE_TAG: params.data.source,
+            DATA_TAG: data})
+        mine = Candidate(int(version.version), value, parity, data)
+        alias, note = settle_champion(client, cfg.model_name, mine, cfg.margin)
+        if alias == CHALLENGER:
+            client.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
         mlflow.set_tags({"registry.version": version.version, "registry.alias": alias})
         mlflow.set_tags(tracking.dvc_out_hashes())  # this run's: see dvc_out_hashes
-    record = {"model_name": cfg.model_name, "version": int(version.version), "alias": alias,
-              "metric": cfg.metric, "value": value, "previous_champion": current,
-              "parity_ok": parity}
+    record = {"model_name": cfg.model_name, "version": mine.version, "alias": alias,
+              "metric": cfg.metric, "value": value,
+              "previous_champion": before.metric if before and before.data == data else None,
+              "parity_ok": parity, "data_source": params.data.source, "data_fingerprint": data,
+              "note": note}
     atomic_write_json(out, record)
     return record
 
@@ -82,16 +139,19 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="finetune output dir")
     parser.add_argument("--metrics", type=Path, required=True, help="evaluate metrics.json")
     parser.add_argument("--export-report", type=Path, required=True, help="export report")
+    parser.add_argument("--splits", type=Path, required=True, help="prepare output dir")
     parser.add_argument("--out", type=Path, required=True, help="registry decision JSON")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Register the model and move the champion alias if it earned it."""
     record = register(params, args.onnx, args.checkpoint, args.metrics, args.export_report,
-                      args.out)
+                      args.splits, args.out)
     log.info("registered %s version %d as %s (%s = %.2f, champion had %s)",
              record["model_name"], record["version"], record["alias"], record["metric"],
              record["value"], record["previous_champion"])
+    if record["note"]:
+        log.info("%s", record["note"])
 
 
 def main(argv=None) -> int:

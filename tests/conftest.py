@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import yaml
+
+from flows.overrides import apply_overrides
+from tests.http_fixtures import http_server  # noqa: F401 (a fixture for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Tiny training settings: every stage runs in seconds; what is checked is the plumbing.
+TINY = ["train.resolution=16", "train.precrop=20", "train.batch=8", "train.schedule=[1, 2]",
+        "train.eval_every=1", "evaluate.batch_sizes=[1, 2]", "evaluate.repeats=1",
+        "evaluate.warmup=0", "export.parity_batches=[1, 3]", "compile.batch_sizes=[1, 4]"]
 
 for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
                    "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -18,3 +36,114 @@ for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+INPUT_STAGES = ("fetch_data", "prepare", "fetch_weights")
+
+
+@pytest.fixture(scope="session")
+def digits_inputs(tmp_path_factory) -> Path:
+    """A directory holding params.yaml (the default experiment) and what the stages before
+    finetune write there: the embedded digits in data/raw and data/prepared, and
+    models/pretrained (no weights: digits train from scratch). Made by running the stages'
+    dvc.yaml commands as separate processes, as `dvc repro` does."""
+    work = tmp_path_factory.mktemp("digits")
+    shutil.copyfile(REPO / "params.yaml", work / "params.yaml")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    env = {**os.environ, "BIT_PARAMS": str(work / "params.yaml")}
+    for name in INPUT_STAGES:
+        python, *args = stages[name]["cmd"].split()
+        assert python == "python"
+        subprocess.run([sys.executable, *args], cwd=work, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+    return work
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_clone(root: Path, dest: Path, overrides: list[str] = TINY) -> Path:
+    """The repository's tracked and unignored files, as a new git repo with one commit."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root,
+                           check=True, capture_output=True, text=True).stdout.split()
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        if (root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, dest / name)
+    if overrides:
+        apply_overrides(dest / "params.yaml", list(overrides))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live (not zombie) processes whose environment has key=value."""
+    found, needle = [], f"{key}={value}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0") and \
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def stop_group(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM the process group we started (its traps clean up), SIGKILL after `grace`."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@contextmanager
+def running_mlflow_server(store: str, workdir: Path) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 over `store`, with proxied artifacts under
+    `workdir` (what workers on other hosts talk to); yields its URI, then stops its process
+    group."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    log_path = workdir / f"mlflow-server-{port}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", store,
+             "--artifacts-destination", str(workdir / "artifacts")],
+            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        uri = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(log_path.read_text()[-3000:]) from None
+                    time.sleep(1)
+            yield uri
+        finally:
+            stop_group(process, grace=20)
+    assert process.poll() is not None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """A fresh `mlflow server` (SQLite store, proxied artifacts) for one test."""
+    with running_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", tmp_path) as uri:
+        yield uri

@@ -16,7 +16,7 @@ import pytest
 from bit_core import download as download_module
 from bit_core.download import PASSWORD_ENV, TOKEN_ENV, DownloadError, download
 from bit_core.io import file_digest
-from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
+from tests.http_fixtures import ArchiveServer
 
 PATH = "/bit/BiT-M-R50x1.npz"
 PAYLOAD = random.Random(1234).randbytes(300_000)

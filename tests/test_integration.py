@@ -8,46 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from flows.overrides import apply_overrides
-from tests.test_stages import TINY
+from tests.conftest import BIN, TINY, make_clone, running_mlflow_server
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
 STAGES = ["fetch_data", "prepare", "fetch_weights", "finetune", "export_onnx", "compile_om",
           "evaluate", "register"]
 
 
-def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
-
-
-def copy_repo(repo_root: Path, repo: Path, overrides: list[str] = ()) -> Path:
-    """The repository's tracked and unignored files, as a new git repo with one commit."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo_root,
-                           check=True, capture_output=True, text=True).stdout.split()
-    for name in files:
-        if (repo_root / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo_root / name, repo / name)
-    if overrides:
-        apply_overrides(repo / "params.yaml", list(overrides))
-    _git(repo, "init", "-q", "-b", "main")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot")
-    return repo
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory, repo_root):
-    return copy_repo(repo_root, tmp_path_factory.mktemp("clone"), TINY)
+    return make_clone(repo_root, tmp_path_factory.mktemp("clone"), TINY)
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -140,29 +117,10 @@ def test_prefect_flow_runs_stages_in_order(clone, first_repro, monkeypatch):
 def test_run_read_back_through_mlflow_server(clone, first_repro):
     """`mlflow server` on the pipeline's store serves the run over its REST API."""
     import json as _json
-    import signal
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{clone / 'mlflow.db'}"],
-        cwd=clone, env=_env(clone), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
     run_id = json.loads((clone / "models/finetuned/mlflow_run.json").read_text())["run_id"]
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with running_mlflow_server(f"sqlite:///{clone / 'mlflow.db'}", clone) as base:
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
             run = _json.load(reply)["run"]
         assert run["info"]["status"] == "FINISHED"
@@ -172,6 +130,3 @@ def test_run_read_back_through_mlflow_server(clone, first_repro):
         with urllib.request.urlopen(url) as reply:
             steps = [m["step"] for m in _json.load(reply)["metrics"]]
         assert steps == [1, 2]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import PreflightError, changing_sources, check_git_checkout
-from tests.test_prefect_server import make_clone
+from tests.conftest import make_clone
 
 BIN = Path(sys.executable).parent
 

@@ -10,75 +10,19 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from flows.overrides import apply_overrides
 from flows.pipeline import PreflightError, check_tracking_server, mlflow_link
-from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
-from tests.test_stages import TINY
+from tests.http_fixtures import ArchiveServer
+from tests.conftest import BIN, free_port, make_clone, processes_with_env, stop_group
 
-BIN = Path(sys.executable).parent
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prefect_e2e.sh"
 E2E_TIMEOUT = 1800
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def make_clone(root: Path, dest: Path, overrides: list[str] = TINY) -> Path:
-    """The repository's tracked and unignored files, as a new git repo with one commit."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root,
-                           check=True, capture_output=True, text=True).stdout.split()
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        if (root / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / name, dest / name)
-    apply_overrides(dest / "params.yaml", overrides)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "snapshot"]):
-        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
-    return dest
-
-
-def processes_with_env(key: str, value: str) -> list[int]:
-    """Live (not zombie) processes whose environment has key=value."""
-    found, needle = [], f"{key}={value}".encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0") and \
-                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return found
-
-
-def stop_group(process: subprocess.Popen, grace: float = 60) -> None:
-    """SIGTERM the process group we started (its traps clean up), SIGKILL after `grace`."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # --- MLflow preflight --------------------------------------------------------------------------
@@ -172,35 +116,6 @@ def test_mlflow_link_for_a_local_store():
     text = mlflow_link("sqlite:////tmp/x/mlflow.db", "abc123")
     assert "`abc123`" in text and "sqlite:////tmp/x/mlflow.db" in text
     assert mlflow_link("sqlite:///m.db", None) == "MLflow run: none recorded"
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on a free port of 127.0.0.1 with a SQLite store; stopped afterwards."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
-    log = (tmp_path / "mlflow.log").open("w")
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'm.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")],
-        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if check_tracking_server(uri, timeout=2):
-                    break
-            except PreflightError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError((tmp_path / "mlflow.log").read_text()[-3000:])
-                time.sleep(1)
-        yield uri
-    finally:
-        stop_group(process, grace=20)
-        log.close()
-    assert process.poll() is not None
 
 
 @pytest.mark.slow

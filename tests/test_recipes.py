@@ -22,7 +22,7 @@ import torch
 from bit_core.model import build_model
 from bit_core.weights import save_npz
 from tests.http_fixtures import ArchiveServer
-from tests.test_integration import BIN, copy_repo
+from tests.conftest import BIN, make_clone
 from tests.test_sources import CIFAR10_NAMES, _py2_pickle, _tar
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,7 @@ def smoke_run(tmp_path_factory, repo_root):
 
 
 def _smoke_run(tmp_path_factory, repo_root, http_server):
-    repo = copy_repo(repo_root, tmp_path_factory.mktemp("cifar10"))
+    repo = make_clone(repo_root, tmp_path_factory.mktemp("cifar10"), [])
     home = tmp_path_factory.mktemp("home")  # the download caches live under ~/.cache
     archive = _cifar10_full_size()
     data_url = http_server.add("/cifar/cifar-10-python.tar.gz", archive)

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper
 
 from bit_core.config import load_params
 from tasks import tracking
-from tasks.register import CHALLENGER, CHAMPION, register
+from tasks.register import (CHALLENGER, CHAMPION, Candidate, choose_champion, register,
+                            settle_champion)
 
 
 def _tiny_onnx(path):
@@ -31,19 +32,38 @@ def store(tmp_path, monkeypatch, repo_root):
     return tmp_path, load_params(repo_root / "params.yaml")
 
 
-def _pipeline_run(tmp, params, name, top1, parity=1e-6):
-    import mlflow
+def prepared_data(root, test_images: int):
+    """A prepare stage output; data sets differ by their test split."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text('["a", "b", "c"]\n')
+    for split, count in (("train", 6), ("val", 3), ("test", test_images)):
+        rows = "".join(f"{split}/{i}.png,{i % 3}\n" for i in range(count))
+        (root / f"{split}.csv").write_text("path,label\n" + rows)
+    return root
+
+
+def pipeline_run(tmp, params, name, top1, parity=1e-6, test_images=3):
+    """The inputs the register stage reads, for a run already in the tracking store."""
+    from mlflow.tracking import MlflowClient
 
     run_dir = tmp / name
     run_dir.mkdir()
-    run_id = tracking.start_run("registry-test", run_name=name)
-    mlflow.end_run()
-    tracking.write_run_file(run_dir, run_id)
+    client = MlflowClient(tracking.configure())
+    experiment = client.get_experiment_by_name("registry-test")
+    experiment_id = experiment.experiment_id if experiment else \
+        client.create_experiment("registry-test")
+    tracking.write_run_file(run_dir, client.create_run(experiment_id, run_name=name).info.run_id)
     (run_dir / "metrics.json").write_text(json.dumps({"onnxruntime_top1": top1,
                                                       "resolution": 4}))
     (run_dir / "export.json").write_text(json.dumps({"max_abs_diff": parity}))
+    prepared_data(run_dir / "prepared", test_images)
+    return run_dir
+
+
+def _pipeline_run(tmp, params, name, top1, parity=1e-6, test_images=3):
+    run_dir = pipeline_run(tmp, params, name, top1, parity, test_images)
     return register(params, tmp / "model.onnx", run_dir, run_dir / "metrics.json",
-                    run_dir / "export.json", run_dir / "registry.json")
+                    run_dir / "export.json", run_dir / "prepared", run_dir / "registry.json")
 
 
 def test_champion_moves_only_for_a_better_model(store):
@@ -81,3 +101,80 @@ def test_unknown_metric_is_a_clear_error(store):
         update={"metric": "f1"})})
     with pytest.raises(ConfigError, match="registry.metric 'f1'"):
         _pipeline_run(tmp, params, "run", 90.0)
+
+
+def test_a_champion_of_other_data_is_not_compared(store):
+    """A digits model with a high top-1 does not dethrone a CIFAR-10 model: other test data."""
+    from mlflow.tracking import MlflowClient
+
+    tmp, params = store
+    cifar = _pipeline_run(tmp, params, "cifar", 97.0, test_images=3)
+    digits = _pipeline_run(tmp, params, "digits", 99.4, test_images=5)
+    assert cifar["alias"] == CHAMPION
+    assert digits["alias"] == CHALLENGER and digits["previous_champion"] is None
+    assert "trained on other data" in digits["note"] and "registry.model_name" in digits["note"]
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("bit-classifier", CHAMPION).version) == 1
+    tags = client.get_model_version("bit-classifier", "2").tags
+    assert tags["data.fingerprint"] == digits["data_fingerprint"] != cifar["data_fingerprint"]
+
+
+def test_the_champion_rule_is_the_sequential_one():
+    versions = [Candidate(1, 95.0, True, "d"), Candidate(2, 94.0, True, "d"),
+                Candidate(3, 96.5, True, "d"), Candidate(4, 99.0, False, "d"),
+                Candidate(5, 96.6, True, "d")]
+    assert choose_champion(versions, margin=0.0) == 5
+    assert choose_champion(versions, margin=0.5) == 3  # 96.6 < 96.5 + 0.5
+    assert choose_champion(list(reversed(versions)), margin=0.5) == 3  # order of listing
+    assert choose_champion([Candidate(1, 99.0, False, "d")], margin=0.0) is None
+
+
+def test_a_stale_alias_left_by_a_racing_register_is_corrected(store):
+    """A register that decided on an old view (champion: v1) and wrote last leaves the alias on
+    a worse version; the next settle moves it back to what the rule gives."""
+    from mlflow.tracking import MlflowClient
+
+    tmp, params = store
+    _pipeline_run(tmp, params, "v1", 95.0)
+    _pipeline_run(tmp, params, "v2", 96.0)
+    third = _pipeline_run(tmp, params, "v3", 95.5)
+    client = MlflowClient()
+    client.set_registered_model_alias("bit-classifier", CHAMPION, "3")  # the stale write
+    mine = Candidate(3, 95.5, True, third["data_fingerprint"])
+    assert settle_champion(client, "bit-classifier", mine, 0.0) == (CHALLENGER, None)
+    assert int(client.get_model_version_by_alias("bit-classifier", CHAMPION).version) == 2
+
+
+@pytest.mark.slow
+def test_two_registers_at_once_leave_the_right_champion(tmp_path, mlflow_server, repo_root):
+    """The nightly gpu and npu runs register at the same moment through one MLflow server."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    _tiny_onnx(tmp_path / "model.onnx")
+    params = load_params(repo_root / "params.yaml")
+    params = params.model_copy(update={"registry": params.registry.model_copy(
+        update={"model_name": "raced"})})
+    (tmp_path / "params.yaml").write_text(json.dumps(params.model_dump()))
+    _pipeline_run(tmp_path, params, "old", 90.0)
+    runs = [pipeline_run(tmp_path, params, name, top1) for name, top1 in
+            (("gpu", 96.0), ("npu", 95.0))]
+    env = {**os.environ, "BIT_PARAMS": str(tmp_path / "params.yaml")}
+    env.pop("MLFLOW_RUN_ID", None)
+    for round_ in range(2):  # twice, so that either may finish first
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "tasks.register", "--onnx", str(tmp_path / "model.onnx"),
+             "--checkpoint", str(run), "--metrics", str(run / "metrics.json"),
+             "--export-report", str(run / "export.json"), "--splits", str(run / "prepared"),
+             "--out", str(run / f"registry{round_}.json")], env=env, cwd=repo_root,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for run in (runs if round_ == 0 else runs[::-1])]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        client = MlflowClient(mlflow_server)
+        champion = client.get_model_version_by_alias("raced", CHAMPION)
+        assert champion.tags["test_metric"] == "96.0", outputs

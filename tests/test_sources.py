@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import pickle
 import struct
@@ -21,7 +20,7 @@ from bit_core.contracts import read_split_marker
 from bit_core.errors import DataError
 from bit_core.sources import load_pickle, materialize_cifar, materialize_imagenet, safe_extract
 from tasks.fetch_data import fetch
-from tests.http_fixtures import ArchiveServer, http_server  # noqa: F401 (pytest fixture)
+from tests.http_fixtures import ArchiveServer
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
                  b"ship", b"truck"]

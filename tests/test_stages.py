@@ -15,10 +15,8 @@ import torch
 import yaml
 
 from flows.overrides import apply_overrides
+from tests.conftest import TINY
 
-TINY = ["train.resolution=16", "train.precrop=20", "train.batch=8", "train.schedule=[1, 2]",
-        "train.eval_every=1", "evaluate.batch_sizes=[1, 2]", "evaluate.repeats=1",
-        "evaluate.warmup=0", "export.parity_batches=[1, 3]", "compile.batch_sizes=[1, 4]"]
 
 
 @pytest.fixture(scope="module")

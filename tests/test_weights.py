@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from bit_core import create_model
-from tests.http_fixtures import http_server  # noqa: F401 - fixture
 from bit_core.model import build_model
 from bit_core.weights import (WeightsError, load_npz, npz_layout, official_url, read_npz,
                               save_npz, verify_npz)
