@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -161,6 +162,9 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag checked between steps (restored on exit)."""
 
@@ -169,7 +173,7 @@ class _StopFlag:
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -182,6 +186,23 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Hold SIGINT/SIGTERM back from this thread while the block runs (they arrive after it).
+
+    Processes forked meanwhile inherit the blocked mask and keep it: DataLoader workers, which a
+    stop sent to the whole process group (Ctrl-C, the flow's SIGTERM, torchrun passing one on)
+    would otherwise kill, failing the loader ("DataLoader worker ... is killed by signal")
+    before the trainer could checkpoint. They leave when the trainer shuts them down, or when
+    it is gone.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass
@@ -271,8 +292,6 @@ class Trainer:
         return loss
 
     def _mean_across_processes(self, value: float) -> float:
-        import torch.distributed as dist
-
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.item() / self.world
@@ -293,7 +312,8 @@ class Trainer:
         of the schedule). The schedule is the same whatever `until` is.
 
         Evaluates every cfg.eval_every steps and at `until`; checkpoints every
-        cfg.checkpoint_every steps, on SIGINT/SIGTERM, and at the end.
+        cfg.checkpoint_every steps, on SIGINT/SIGTERM, and at the end. A stop signal to any of
+        several processes stops them all after the same step.
         """
         until = self._until = self._end(until)
         accumulate = self.cfg.batch // self.plan.micro_batch
@@ -303,7 +323,9 @@ class Trainer:
         self.model.train()
         micro, loss_sum, tick = 0, 0.0, time.perf_counter()
         with _StopFlag() as stop:
-            for images, labels in self._loader(until):
+            with _stop_signals_held():  # the loader's workers start here
+                batches = iter(self._loader(until))
+            for images, labels in batches:
                 step = self.state.step
                 lr = get_lr(step, self.cfg.base_lr, self.cfg.batch, self.plan.schedule)
                 _set_lr(self.optimizer, lr)
@@ -335,7 +357,7 @@ class Trainer:
                 if self.on_step and self.rank == 0:
                     self.on_step(record)
                 self._maybe_evaluate()
-                self._maybe_checkpoint(checkpoint_path, stop.signal)
+                self._maybe_checkpoint(checkpoint_path, self._agreed_stop(stop.signal))
         if checkpoint_path is not None:
             self.save(checkpoint_path)
         return self.state
@@ -344,16 +366,33 @@ class Trainer:
         step = self.state.step
         if self.evaluate is None or (step % self.cfg.eval_every and step != self._until):
             return
-        metrics = {"step": step, **self.evaluate(self.model)}
+        with _stop_signals_held():  # its data loader's workers start in there
+            metrics = {"step": step, **self.evaluate(self.model)}
         self.model.to(memory_format=self._memory_format).train()
         self.state.evals.append(metrics)
         if self.on_eval and self.rank == 0:
             self.on_eval(metrics)
+
+    def _agreed_stop(self, local_signal: int | None) -> int | None:
+        """The stop signal any process got (the highest number if several did), else None.
+
+        A signal may reach one process only (say, a rank stopped by hand): all of them must still
+        leave at the same step, or the others wait forever in the next gradient all-reduce.
+        """
+        if self.world == 1:
+            return local_signal
+        flag = torch.tensor([local_signal or 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def _maybe_checkpoint(self, path: Path | None, stop_signal: int | None) -> None:
         every = self.cfg.checkpoint_every
         if path is not None and (stop_signal is not None or (every and self.state.step % every == 0)):
             self.save(path)
         if stop_signal is not None:
+            if self.world > 1:
+                # Rank 0 alone writes the checkpoint; the others wait for it here, because the
+                # first rank to exit makes torchrun's agent stop the rest (see distributed.launch).
+                dist.barrier()
             raise Interrupted(f"stopped by signal {stop_signal} at step {self.state.step}; "
                               f"checkpoint written to {path}")
