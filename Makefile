@@ -11,12 +11,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-# Telemetry off for every tool, whatever the caller's environment.
-export MLFLOW_DISABLE_TELEMETRY := true
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export DVC_NO_ANALYTICS := 1
-export DO_NOT_TRACK := 1
-export TORCH_DEVICE_BACKEND_AUTOLOAD := 0
+# The tools' telemetry is switched off by the project's own entry points (tasks/environment.py).
 
 .PHONY: help setup pipeline test test-all ui bench clean-venv
 

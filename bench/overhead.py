@@ -17,7 +17,6 @@ commands run directly. All variants take turns (interleaved rounds) after one wa
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -48,11 +47,9 @@ STAGES = {
 
 def environment() -> dict[str, str]:
     """What ``flows.pipeline.dvc`` gives a stage: telemetry off, this interpreter's bin first."""
-    from flows.pipeline import TELEMETRY_OFF
+    from tasks.environment import tool_env
 
-    return {**os.environ, **TELEMETRY_OFF, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent),
-                                     os.environ.get("PATH", "")])}
+    return tool_env()
 
 
 def command(args: list[str], cwd: Path, env: dict[str, str]) -> str:
@@ -233,14 +230,12 @@ def measure_prefect(repo: Path, env: dict[str, str], dvc: list[str], tasks: int,
 
 
 def run(settings, log) -> dict:
-    from flows.pipeline import dvc_command
+    from tasks import environment as tool_environment
 
-    # Telemetry off for the temporary Prefect server too (it inherits this environment).
-    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}.items():
-        os.environ.setdefault(key, value)
+    tool_environment.apply()  # the temporary Prefect server inherits this environment
     env = environment()
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        dvc = dvc_command(Path(tmp))
+        dvc = [tool_environment.tool("dvc")]
         repo = make_repo(Path(tmp), env, dvc)
         dvc_part = measure_dvc(repo, env, dvc, settings.overhead_repeats, log)
         prefect_part, ratios = measure_prefect(repo, env, dvc, settings.overhead_tasks,

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         write(json.loads((args.out / "results.json").read_text()), args.out)
         log(f"bench: rebuilt {args.out / 'RESULTS.md'}")
         return 0
+    from tasks import environment
+
+    environment.apply()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # effective only before torch loads
     import torch
 

@@ -88,6 +88,15 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+
+def link_or_copy(source: str | Path, dest: str | Path) -> None:
+    """Hard-link `source` to `dest` when both are on one file system (no copy of a file that
+    may be gigabytes), else copy it."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
 # Hashing reads a file in chunks of this many bytes.
 HASH_CHUNK_SIZE = 1 << 20
 

@@ -36,7 +36,7 @@ from PIL import Image
 from bit_core.contracts import read_split_marker, write_split_marker
 from bit_core.download import download
 from bit_core.errors import DataError, DownloadError
-from bit_core.io import atomic_dir, file_digest
+from bit_core.io import atomic_dir, file_digest, link_or_copy
 
 DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
@@ -518,14 +518,6 @@ def materialize_imagenet(imagenet_dir: str | Path, out: Path, *, verify: bool = 
 
 # --- image folders -------------------------------------------------------------------------------
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    """Hard-link `source` to `dest` (same file system), else copy it."""
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
-
-
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
@@ -560,7 +552,7 @@ def materialize_folder(folder: str | Path, out: Path) -> int:
                         continue
                     dest = tmp / path.relative_to(folder)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    _link_or_copy(path, dest)
+                    link_or_copy(path, dest)
                     found += 1
             if not found:
                 raise DataError(f"class folder {class_dir} has no images: add some or remove it")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bit_core.redact import redact, redact_value
+from flows import dag
+from tasks import environment
 
 app = typer.Typer(help="bit-pipeline: fine-tune, export, compile and measure BiT (ResNetV2) "
                   "models with DVC, MLflow and Prefect.", no_args_is_help=True,
@@ -21,9 +21,6 @@ app = typer.Typer(help="bit-pipeline: fine-tune, export, compile and measure BiT
 console = Console()
 err_console = Console(stderr=True)
 
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-S", help="override a parameter in params.yaml, e.g. -S train.batch=64 (repeatable)")]
 
@@ -32,13 +29,6 @@ def _fail(message: str) -> None:
     """Print one redacted error line and exit with status 2."""
     err_console.print(f"[red]error:[/red] {redact(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
-
-
-def _env() -> dict[str, str]:
-    """Telemetry off, and this interpreter's bin directory first on PATH, so the `python` of the
-    dvc.yaml commands is the one that has the project installed."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, **TELEMETRY_OFF, "PATH": path}
 
 
 @app.command("models")
@@ -88,23 +78,14 @@ def fetch_weights(
 
 
 def _results_summary() -> None:
-    table = Path("reports/eval/fps.md")
+    table = Path(dag.EVAL_TABLE)
     if table.is_file():
         print(table.read_text())
     console.print("Results:")
-    for path in ("reports/eval/metrics.json", "reports/eval/fps.md", "reports/eval/fps.png",
-                 "reports/eval/confusion.png", "reports/train/loss.png", "models/onnx/model.onnx",
-                 "models/om/manifest.json"):
+    for path in dag.RESULTS:
         if Path(path).exists():
             console.print(f"  {path}")
     console.print("Compare runs:  make ui   (MLflow UI on http://127.0.0.1:5000)")
-
-
-def _stage_names() -> list[str]:
-    """The stages of dvc.yaml, in file order."""
-    from ruamel.yaml import YAML
-
-    return list(YAML(typ="safe").load(Path("dvc.yaml").read_text())["stages"])
 
 
 @app.command("run")
@@ -118,7 +99,7 @@ def run(set_: SetOption = None,
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides, preset_overrides
 
-    stages = _stage_names() if until else []
+    stages = dag.stages() if until else []
     if until is not None and until not in stages:
         _fail(f"--until {until}: no such stage; choose from {', '.join(stages)}")
     try:
@@ -126,12 +107,12 @@ def run(set_: SetOption = None,
         apply_overrides(Path("params.yaml"), changes)
     except ConfigError as err:
         _fail(str(err))
-    command = [str(Path(sys.executable).with_name("dvc")), "repro"] + (["--force"] if force else [])
+    command = [environment.tool("dvc"), "repro"] + (["--force"] if force else [])
     command += [until] if until else []
-    if subprocess.run(command, env=_env()).returncode != 0:
+    if subprocess.run(command, env=environment.tool_env()).returncode != 0:
         _fail("the pipeline failed: see the stage's error above")
     if until and until != stages[-1]:
-        train = Path("reports/train/metrics.json")
+        train = Path(dag.TRAIN_METRICS)
         if until == "finetune" and train.is_file():
             console.print_json(train.read_text())
         console.print(f"Stopped after {until}; the later stages did not run (see `dvc status`).")
@@ -143,7 +124,7 @@ def run(set_: SetOption = None,
 def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|cpu|cuda|npu")
          ) -> None:
     """Run the bit-finetune Prefect flow here (a temporary local Prefect server if none is set)."""
-    os.environ.update(TELEMETRY_OFF)
+    environment.apply()
     from flows.pipeline import bit_finetune
 
     result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))
@@ -162,11 +143,11 @@ def _curve(source: str) -> dict[int, float]:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    uri = environment.tracking_uri()
     try:
-        history = MlflowClient().get_metric_history(source, "loss")
+        history = MlflowClient(uri).get_metric_history(source, "loss")
     except MlflowException:
-        _fail(f"{source!r} is neither a CSV file nor an MLflow run id in "
-              f"{os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///mlflow.db'}")
+        _fail(f"{source!r} is neither a CSV file nor an MLflow run id in {uri}")
     if not history:
         _fail(f"MLflow run {source} has no 'loss' metric")
     return {m.step: m.value for m in history}
@@ -201,11 +182,11 @@ def compare_loss(
 @app.command("ui")
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    uri = environment.tracking_uri()
     console.print(f"MLflow UI for {redact(uri)} on http://127.0.0.1:{port}")
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    raise typer.Exit(subprocess.run([mlflow, "ui", "--backend-store-uri", uri, "--host",
-                                     "127.0.0.1", "--port", str(port)], env=_env()).returncode)
+    command = [environment.tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port)]
+    raise typer.Exit(subprocess.run(command, env=environment.tool_env()).returncode)
 
 
 if __name__ == "__main__":

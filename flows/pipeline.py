@@ -43,7 +43,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -51,19 +50,18 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from bit_core.download import basic_auth
 from bit_core.redact import redact, split_credentials
+from flows import dag
 from flows.overrides import apply_overrides
+from tasks import environment
 
 REPO = Path(__file__).resolve().parents[1]
 IO_STAGES = {"fetch_data", "fetch_weights"}  # network or disk reads worth retrying
 TRAIN_STAGE = "finetune"
-TELEMETRY_OFF = {"MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "1",
-                 "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
 # The fine-tune task's tag, per device: a tag concurrency limit of 1 on it
 # (`prefect concurrency-limit create bit-gpu-training 1`) allows one training per pool at a time.
 POOLS = {"cpu": "bit-cpu", "cuda": "bit-gpu", "npu": "bit-npu"}
@@ -74,25 +72,9 @@ class PreflightError(RuntimeError):
     """Something the flow needs is missing; raised before any stage runs."""
 
 
-def stages(repo: Path) -> list[str]:
-    """Stage names in dvc.yaml order (which is the pipeline's order)."""
-    return list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-
-
-def dvc_command(repo: Path) -> list[str]:
-    """`dvc` from the interpreter's environment (a worker's PATH may not have the venv)."""
-    local = Path(sys.executable).with_name("dvc")
-    return [str(local) if local.exists() else "dvc"]
-
-
 def training_tag(device: str) -> str:
     """The tag of the fine-tune task: one name per accelerator pool (bit-gpu-training, ...)."""
     return f"{POOLS.get(device, f'bit-{device}')}-training"
-
-
-def tracking_uri(repo: str | Path) -> str:
-    """The MLflow store the stages use (they run in `repo`, so a relative default lands there)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(repo) / 'mlflow.db'}"
 
 
 def _tracking_request(url: str) -> urllib.request.Request:
@@ -163,7 +145,7 @@ def check_git_checkout(repo: str | Path) -> str:
 def preflight(repo: str, nightly: bool) -> dict:
     """Fail in seconds, before any stage, when the tracking server or the checkout is unusable."""
     logger = get_run_logger()
-    uri = tracking_uri(repo)
+    uri = environment.tracking_uri(repo)
     if check_tracking_server(uri):
         logger.info("MLflow tracking server %s is up", redact(uri))
     head = check_git_checkout(repo) if nightly else None
@@ -229,13 +211,12 @@ def dvc(repo: str, *args: str, log: bool = True) -> tuple[int, str]:
     worker whose PATH lacks the venv still runs the stages with the packages it has.
     """
     logger = get_run_logger()
-    env = {**os.environ, **TELEMETRY_OFF,
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     lines: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bit-dvc-") as tmp:
         output = Path(tmp) / "output.log"
         with output.open("w") as writer:
-            process = subprocess.Popen([*dvc_command(Path(repo)), *args], cwd=repo, env=env,
+            process = subprocess.Popen([environment.tool("dvc"), *args], cwd=repo,
+                                       env=environment.tool_env(),
                                        stdout=writer, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -251,14 +232,23 @@ def dvc(repo: str, *args: str, log: bool = True) -> tuple[int, str]:
     return process.returncode, "\n".join(lines)
 
 
+def stage_status(repo: str, stage: str) -> dict:
+    """What DVC says changed for `stage` alone (``dvc status --json <stage>``); {} when it is up
+    to date and ``dvc repro`` would skip it."""
+    code, output = dvc(repo, "status", "--json", stage, log=False)
+    if code != 0:
+        raise RuntimeError(f"dvc status {stage} failed: {output[-300:]}")
+    return _json_line(output) or {}
+
+
 def _run_stage(stage: str, repo: str, force: bool = False) -> dict:
     """Run one DVC stage (skipped by DVC when up to date); return whether it ran."""
+    changed = force or bool(stage_status(repo, stage))
     code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []), stage)
     if code != 0:
         errors = [line for line in output.splitlines() if "error" in line.lower()]
         raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
-    ran = "didn't change, skipping" not in output
-    return {"stage": stage, "ran": ran}
+    return {"stage": stage, "ran": changed}
 
 
 @task(name="run-stage", task_run_name="{stage}")
@@ -306,14 +296,7 @@ def pipeline_status(repo: str) -> dict:
 
 def _untracked_results(repo: str) -> list[str]:
     """Untracked files an experiment should hold: dvc.lock, DVC's .gitignores, uncached outputs."""
-    declared = {"dvc.lock"}
-    for stage in yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"].values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                if isinstance(entry, dict):
-                    path, options = next(iter(entry.items()))
-                    if options and options.get("cache") is False:
-                        declared.add(path)
+    declared = {"dvc.lock", *dag.outputs(repo, cached=False)}
     listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=repo,
                             capture_output=True, text=True, check=True).stdout.splitlines()
     return [name for name in listed
@@ -337,7 +320,7 @@ def record_experiment(repo: str, run_id: str | None) -> dict:
         try:
             from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri(repo))
+            client = MlflowClient(environment.tracking_uri(repo))
             client.set_tag(run_id, "dvc.experiment", name)
             client.set_tag(run_id, "dvc.experiment_rev", rev or "")
         except Exception as err:  # the experiment is recorded; the tag is a convenience
@@ -367,11 +350,11 @@ def mlflow_link(uri: str, run_id: str | None) -> str:
 
 
 def _summary(repo: Path) -> tuple[str, str | None]:
-    table = repo / "reports" / "eval" / "fps.md"
-    run_file = repo / "models" / "finetuned" / "mlflow_run.json"
+    table = repo / dag.EVAL_TABLE
+    run_file = repo / dag.RUN_RECORD
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
     text = table.read_text() if table.is_file() else "(no evaluation table)"
-    train = repo / "reports" / "train" / "metrics.json"
+    train = repo / dag.TRAIN_METRICS
     if train.is_file():
         metrics = json.loads(train.read_text())
         text += "\n\nTraining: " + ", ".join(f"{k} {v}" for k, v in metrics.items())
@@ -392,6 +375,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         nightly: refresh changeable inputs, retrain only when DVC sees a change, and record
             the retraining as a DVC experiment (``dvc exp save``); see the module docstring.
     """
+    environment.apply()
     logger = get_run_logger()
     repo = str(Path(repo or os.environ.get("BIT_PIPELINE_REPO") or REPO).resolve())
     checked = preflight(repo, nightly)
@@ -418,7 +402,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
                     "mlflow_run_id": _summary(Path(repo))[1]}
         logger.info("changed since the last training: %s", ", ".join(changed))
     train_tag = training_tag(params["train"]["device"])
-    for stage in stages(Path(repo)):
+    for stage in dag.stages(repo):
         if stage in IO_STAGES:
             results.append(run_io_stage(stage, repo))
         elif stage == TRAIN_STAGE:
@@ -426,7 +410,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         else:
             results.append(run_stage(stage, repo))
     table, run_id = _summary(Path(repo))
-    link = mlflow_link(tracking_uri(repo), run_id)
+    link = mlflow_link(environment.tracking_uri(repo), run_id)
     create_markdown_artifact(key="bit-evaluation", markdown=(
         f"## BiT evaluation\n\n{table}\n\n{link}\n"), description="top-1/FPS")
     experiment = None

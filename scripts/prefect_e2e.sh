@@ -58,8 +58,7 @@ PREFECT=$PREFECT_BIN/prefect
 PY=$PREFECT_BIN/python
 
 # Telemetry off; an isolated Prefect home and profile; no settings from the caller's profile.
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 DVC_NO_ANALYTICS=1 \
-    MLFLOW_DISABLE_TELEMETRY=true TORCH_DEVICE_BACKEND_AUTOLOAD=0
+eval "$("$PY" -m tasks.environment)"
 export PREFECT_HOME=$WORK/prefect-home
 unset PREFECT_API_URL PREFECT_API_KEY PREFECT_PROFILE PREFECT_PROFILES_PATH \
     PREFECT_API_DATABASE_CONNECTION_URL

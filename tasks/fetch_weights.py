@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 from bit_core.config import Params
 from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
-from bit_core.io import atomic_dir, atomic_write_json, file_digest
+from bit_core.io import atomic_dir, atomic_write_json, file_digest, link_or_copy
 from bit_core.redact import redact
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
-
-def _place(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)  # same file system: no copy of a possibly multi-GB file
-    except OSError:
-        shutil.copyfile(src, dst)
-
 
 def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
     """Put the weights named by params into `out/weights.npz` (or none) and describe them."""
@@ -35,7 +26,7 @@ def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
                 src = Path(cfg.path).expanduser()
                 verify_npz(src, name)
                 record["path"] = str(src)
-            _place(src, tmp / WEIGHTS_FILE)
+            link_or_copy(src, tmp / WEIGHTS_FILE)
             record["sha256"] = file_digest(tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / WEIGHTS_SOURCE, record)
     return record

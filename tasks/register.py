@@ -124,7 +124,7 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
         if alias == CHALLENGER:
             client.set_registered_model_alias(cfg.model_name, CHALLENGER, version.version)
         mlflow.set_tags({"registry.version": version.version, "registry.alias": alias})
-        mlflow.set_tags(tracking.dvc_out_hashes())  # this run's: see dvc_out_hashes
+        mlflow.set_tags(tracking.dvc_out_hashes(running="register"))  # this run's
     record = {"model_name": cfg.model_name, "version": mine.version, "alias": alias,
               "metric": cfg.metric, "value": value,
               "previous_champion": before.metric if before and before.data == data else None,

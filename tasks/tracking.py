@@ -19,14 +19,14 @@ import yaml
 from bit_core.contracts import MLFLOW_RUN
 from bit_core.errors import Interrupted
 from bit_core.redact import redact, redact_value
+from tasks import environment
 from tasks.common import log
 
 
 def configure() -> str:
     """Telemetry off; default store sqlite:///mlflow.db in the working directory (repo root)."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    environment.apply()
+    uri = environment.tracking_uri()
     import mlflow
 
     mlflow.set_tracking_uri(uri)
@@ -42,17 +42,20 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def dvc_out_hashes(lock: Path = Path("dvc.lock")) -> dict[str, str]:
+def dvc_out_hashes(lock: Path = Path("dvc.lock"), *, running: str | None = None
+                   ) -> dict[str, str]:
     """{"dvc.<stage>.<out path>": md5} for every output recorded in dvc.lock so far.
 
     DVC writes a stage's lock entry as soon as that stage has run, so read from the last stage
-    of a pipeline these are the hashes of the data and models this very run used and made.
+    of a pipeline these are the hashes of the data and models this very run used and made. The
+    `running` stage's own entry is still the previous run's, and is left out.
     """
     if not lock.is_file():
         return {}
     stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
     return {f"dvc.{stage}.{out['path']}": out.get("md5", "")
-            for stage, entry in stages.items() for out in entry.get("outs", [])}
+            for stage, entry in stages.items() if stage != running
+            for out in entry.get("outs", [])}
 
 
 def _run_exists(run_id: str) -> bool:

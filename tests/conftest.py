@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from flows.overrides import apply_overrides
+from tasks import environment
 from tests.http_fixtures import http_server  # noqa: F401 (a fixture for every test module)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,10 +28,8 @@ TINY = ["train.resolution=16", "train.precrop=20", "train.batch=8", "train.sched
         "train.eval_every=1", "evaluate.batch_sizes=[1, 2]", "evaluate.repeats=1",
         "evaluate.warmup=0", "export.parity_batches=[1, 3]", "compile.batch_sizes=[1, 4]"]
 
-for key, value in {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1",
-                   "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "TORCH_DEVICE_BACKEND_AUTOLOAD": "0", "HF_HUB_OFFLINE": "1"}.items():
-    os.environ.setdefault(key, value)
+environment.apply()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm, in the bench's smoke test
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +116,7 @@ def running_mlflow_server(store: str, workdir: Path) -> Iterator[str]:
     `workdir` (what workers on other hosts talk to); yields its URI, then stops its process
     group."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"}
+    env = environment.tool_env()
     log_path = workdir / f"mlflow-server-{port}.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(

@@ -24,7 +24,7 @@ PACKAGES = ("bit_core", "tasks", "flows")
 # The params schema (DVC tracks the values it validates) and the entry plumbing every stage
 # shares: changes there do not change what a stage computes.
 EXEMPT = {"bit_core/config.py", "bit_core/errors.py", "bit_core/redact.py", "tasks/common.py",
-          "tasks/__init__.py"}
+          "tasks/environment.py", "tasks/__init__.py"}
 SECTIONS = {field.annotation.__name__: name for name, field in Params.model_fields.items()}
 KEYS = {name: set(field.annotation.model_fields) for name, field in Params.model_fields.items()}
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -179,3 +179,12 @@ def test_the_analysis_sees_lazy_imports_and_typed_reads(tmp_path):
     assert "bit_core/download.py" in closure("bit_core/weights.py")  # imported inside a function
     assert ("train", "batch") in params_read({"bit_core/train.py"})  # self.cfg.batch
     assert ("data", "md5") in params_read({"tasks/fetch_data.py"})  # cfg: DataConfig
+
+
+def test_the_result_files_the_cli_and_flow_show_are_declared_outputs():
+    from flows import dag
+
+    declared = dag.outputs(REPO)
+    for path in (dag.EVAL_TABLE, dag.EVAL_METRICS, dag.TRAIN_METRICS, dag.RUN_RECORD, *dag.RESULTS):
+        assert any(path == out or path.startswith(out + "/") for out in declared), path
+    assert dag.stages(REPO) == list(STAGES)

@@ -79,8 +79,7 @@ def _artifacts(key: str) -> list[str]:
 
 def _dvc(repo: Path, *args: str) -> str:
     return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, capture_output=True, text=True,
-                          check=True, timeout=300, env={**os.environ, "DVC_NO_ANALYTICS": "1"}
-                          ).stdout
+                          check=True, timeout=300).stdout
 
 
 @pytest.mark.slow

@@ -1,0 +1,40 @@
+"""The pipeline as dvc.yaml defines it: the stages in order, their uncached outputs, and the
+result files that the `bit` command and the flow show (a test checks dvc.yaml declares them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from bit_core.contracts import MLFLOW_RUN
+
+EVAL_TABLE = "reports/eval/fps.md"
+EVAL_METRICS = "reports/eval/metrics.json"
+TRAIN_METRICS = "reports/train/metrics.json"
+RUN_RECORD = f"models/finetuned/{MLFLOW_RUN}"
+RESULTS = (EVAL_METRICS, EVAL_TABLE, "reports/eval/fps.png", "reports/eval/confusion.png",
+           "reports/train/loss.png", "models/onnx/model.onnx", "models/om/manifest.json")
+
+
+def _stages(repo: Path) -> dict:
+    return yaml.safe_load((Path(repo) / "dvc.yaml").read_text())["stages"]
+
+
+def stages(repo: str | Path = ".") -> list[str]:
+    """Stage names in dvc.yaml order (which is the pipeline's order)."""
+    return list(_stages(Path(repo)))
+
+
+def outputs(repo: str | Path = ".", *, cached: bool | None = None) -> set[str]:
+    """Declared outputs (outs, metrics, plots) of every stage; only the uncached ones with
+    ``cached=False``, only the cached ones with ``cached=True``."""
+    found = set()
+    for stage in _stages(Path(repo)).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+                is_cached = (options or {}).get("cache", True)
+                if cached is None or cached == is_cached:
+                    found.add(path)
+    return found

@@ -1,0 +1,59 @@
+"""What the project's processes take from their environment, defined once.
+
+- The tools' telemetry is off (everything here runs offline or on private hosts), and importing
+  torch does not try to load an accelerator back-end on its own (``torch_npu`` is imported only
+  when ``device: npu`` asks for it).
+- The default MLflow store is ``mlflow.db`` at the repository root, the directory the stages run
+  in; ``MLFLOW_TRACKING_URI`` points elsewhere (a shared server).
+- Commands started for the pipeline (``dvc``, and the ``python`` of dvc.yaml's commands) are
+  this interpreter's, whatever the caller's PATH says.
+
+Shell scripts take the same settings with ``eval "$(python -m tasks.environment)"``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+TOOL_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DVC_NO_ANALYTICS": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
+}
+
+
+def apply() -> None:
+    """Put TOOL_ENV into this process's environment (and so its children's)."""
+    os.environ.update(TOOL_ENV)
+
+
+def tool_path() -> str:
+    """PATH with this interpreter's bin directory first."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+def tool_env() -> dict[str, str]:
+    """The environment for a command the pipeline starts: TOOL_ENV and this interpreter's tools
+    first on PATH."""
+    return {**os.environ, **TOOL_ENV, "PATH": tool_path()}
+
+
+def tool(name: str) -> str:
+    """A console script installed beside this interpreter (dvc, mlflow, prefect), else `name`."""
+    local = Path(sys.executable).with_name(name)
+    return str(local) if local.exists() else name
+
+
+def tracking_uri(root: str | Path = ".") -> str:
+    """The MLflow store of a pipeline run in `root`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+if __name__ == "__main__":
+    print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in TOOL_ENV.items()))
