@@ -52,6 +52,92 @@ class _Record(BaseModel):
         return atomic_write_json(path, self.model_dump(mode="json"))
 
 
+# --- finetune -> export -> compile_om, evaluate, register, and any user of the model -------------
+
+# BiT's input scaling: x / 255 * 2 - 1, i.e. Normalize(mean 0.5, std 0.5) after ToTensor.
+INPUT_MEAN = (0.5, 0.5, 0.5)
+INPUT_STD = (0.5, 0.5, 0.5)
+ONNX_RECORD_KEY = "bit.model"  # the ONNX file's metadata_props entry holding the ModelRecord
+
+
+class ModelRecord(_Record):
+    """What using a trained model takes: its classes and its input. The fine-tune stage records
+    it in the checkpoint; the export carries it into the ONNX file's metadata, where every later
+    consumer reads it. Preprocessing: resize the image to ``resolution`` square, scale to
+    [0, 1], normalise with ``mean`` and ``std``."""
+
+    model_name: str
+    classes: list[str]
+    resolution: int
+    precrop: int
+    mean: tuple[float, float, float] = INPUT_MEAN
+    std: tuple[float, float, float] = INPUT_STD
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: dict) -> ModelRecord:
+        """The record inside a checkpoint written by the fine-tune stage."""
+        try:
+            return cls(**{key: checkpoint[key] for key in
+                          ("model_name", "classes", "resolution", "precrop")})
+        except KeyError as err:
+            raise ContractError(f"the checkpoint has no {err.args[0]!r}: re-run the finetune "
+                                "stage") from None
+
+    def onnx_metadata(self) -> dict[str, str]:
+        """The ONNX metadata_props entries that carry this record."""
+        return {ONNX_RECORD_KEY: self.model_dump_json()}
+
+    @classmethod
+    def of_onnx(cls, path: Path) -> ModelRecord:
+        """The record carried by an ONNX file written by the export stage."""
+        import onnx
+
+        try:
+            props = {p.key: p.value for p in
+                     onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as err:  # noqa: BLE001 - any parse failure means the same to the user
+            raise ContractError(f"cannot read ONNX model {path} ({err}): re-run the export_onnx "
+                                "stage") from None
+        if ONNX_RECORD_KEY not in props:
+            raise ContractError(f"{path} carries no model record: re-run the export_onnx stage")
+        return cls.model_validate_json(props[ONNX_RECORD_KEY])
+
+
+class ExportReport(_Record):
+    """The export stage's report (a DVC metrics file): the graph and its parity with PyTorch,
+    ``max_abs_diff_<random|real>_bs<N>`` per checked batch besides the overall maximum."""
+
+    model_config = ConfigDict(extra="allow")
+
+    opset: int
+    onnx_bytes: int
+    op_types: list[str]
+    max_abs_diff: float
+
+
+# --- evaluate -> register ---------------------------------------------------------------------------
+
+
+def metric_key(backend: str, measure: str) -> str:
+    """The name of a measured value in the evaluation metrics, e.g. ``onnxruntime_top1`` or
+    ``torch_fp32_fps_bs8``."""
+    return f"{backend}_{measure}"
+
+
+class EvaluationMetrics(_Record):
+    """The evaluate stage's metrics (a flat DVC metrics file): top-1/top-5 and images/s per
+    back-end and batch size under :func:`metric_key` names."""
+
+    model_config = ConfigDict(extra="allow")
+
+    test_images: int
+    om_skipped: str  # why the OM models were not measured; empty when they were
+
+    def values(self) -> dict[str, float]:
+        """Every measured number by name."""
+        return {k: float(v) for k, v in self.model_dump().items() if not isinstance(v, str)}
+
+
 # --- compile_om -> evaluate -----------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from bit_core.contracts import INPUT_MEAN, INPUT_STD
 from bit_core.splits import Sample
 
 
@@ -20,14 +21,14 @@ def train_transform(precrop: int, crop: int, flip: bool = True) -> transforms.Co
     steps = [transforms.Resize((precrop, precrop)), transforms.RandomCrop((crop, crop))]
     if flip:
         steps.append(transforms.RandomHorizontalFlip())
-    steps += [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)]
+    steps += [transforms.ToTensor(), transforms.Normalize(INPUT_MEAN, INPUT_STD)]
     return transforms.Compose(steps)
 
 
 def eval_transform(crop: int) -> transforms.Compose:
     """BiT evaluation preprocessing: resize straight to the crop size, scale to [-1, 1]."""
     return transforms.Compose([transforms.Resize((crop, crop)), transforms.ToTensor(),
-                               transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+                               transforms.Normalize(INPUT_MEAN, INPUT_STD)])
 
 
 class ImageListDataset(Dataset):

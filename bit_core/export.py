@@ -80,7 +80,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
 
 
 def export_onnx(model: nn.Module, path: Path, *, resolution: int, opset: int = 17,
-                simplify: bool = True) -> Path:
+                simplify: bool = True, metadata: dict[str, str] | None = None) -> Path:
     """Export `model` (StdConv folded) to ONNX at `path`, simplified with onnxslim.
 
     Args:
@@ -89,6 +89,7 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, opset: int = 1
         resolution: input height and width used for tracing (the batch axis stays dynamic).
         opset: ONNX opset; ATC reads up to 18.
         simplify: run onnxslim (constant folding, dead-node removal).
+        metadata: entries for the model's metadata_props (e.g. what it was trained on).
     """
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "raw.onnx"
@@ -98,6 +99,8 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, opset: int = 1
         import onnxslim
 
         proto = onnxslim.slim(proto)
+    if metadata:
+        onnx.helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto, full_check=False)
     return save_onnx(proto, Path(path))
 

@@ -50,3 +50,12 @@ def get_resolution(original: tuple[int, int]) -> tuple[int, int]:
     if height * width < 96 * 96:
         return 160, 128
     return 512, 480
+
+
+def resolve_resolution(original: tuple[int, int], crop: int | None = None,
+                       precrop: int | None = None) -> tuple[int, int]:
+    """(pre-crop resize, crop) to train at: the rule's, or `crop` / `precrop` where given. A crop
+    given without a pre-crop keeps the rule's ratio between the two (160:128 or 512:480)."""
+    rule_precrop, rule_crop = get_resolution(original)
+    crop = crop or rule_crop
+    return precrop or round(crop * rule_precrop / rule_crop), crop

@@ -278,21 +278,6 @@ def _run_atc(build: dict[str, Any], runner: Runner, workdir: str) -> OMBuild:
                    size_bytes=produced.stat().st_size, sha256=file_digest(produced))
 
 
-def onnx_resolution(onnx: Path) -> int:
-    """The square input size of an exported model (input shape [batch, 3, size, size])."""
-    import onnx as onnx_lib
-
-    try:
-        graph = onnx_lib.load(str(onnx), load_external_data=False).graph
-    except Exception as err:  # noqa: BLE001 - any parse failure means the same to the user
-        raise OMError(f"cannot read ONNX model {onnx} ({err}): re-run the export_onnx stage") from None
-    dims = [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or dims[2] <= 0 or dims[2] != dims[3]:
-        raise OMError(f"{onnx} has input shape {dims}, not [batch, 3, size, size]: export it "
-                      "with the export_onnx stage")
-    return dims[2]
-
-
 def compile_om(onnx: Path, out_dir: Path, *, batch_sizes: list[int], resolution: int,
                soc_version: str | None, dynamic_batch: bool, atc: str = "atc",
                runner: Runner = subprocess.run, input_name: str = "image") -> OMManifest:

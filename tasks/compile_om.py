@@ -10,15 +10,15 @@ import argparse
 from pathlib import Path
 
 from bit_core.config import Params
-from bit_core.contracts import OMManifest, OMStatus
-from bit_core.om import compile_om, onnx_resolution
+from bit_core.contracts import ModelRecord, OMManifest, OMStatus
+from bit_core.om import compile_om
 from tasks.common import log, stage_main
 
 
 def compile_stage(params: Params, onnx: Path, out: Path) -> OMManifest:
     """Compile `onnx` at its input resolution for every configured batch size."""
     cfg = params.compile
-    return compile_om(onnx, out, batch_sizes=cfg.batch_sizes, resolution=onnx_resolution(onnx),
+    return compile_om(onnx, out, batch_sizes=cfg.batch_sizes, resolution=ModelRecord.of_onnx(onnx).resolution,
                       soc_version=cfg.soc_version, dynamic_batch=cfg.dynamic_batch, atc=cfg.atc)
 
 

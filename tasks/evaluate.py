@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from bit_core.config import Params
-from bit_core.contracts import CHECKPOINT, OM_MANIFEST, OMManifest, OMStatus
+from bit_core.contracts import (CHECKPOINT, OM_MANIFEST, EvaluationMetrics, ModelRecord, OMManifest,
+                                OMStatus, metric_key)
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,
@@ -115,28 +116,53 @@ def markdown_table(accuracy: dict[str, dict], speed: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
-             data_root: Path, splits: Path, out: Path) -> dict:
-    """Measure every back-end; write metrics.json, fps.json, fps.md, fps.png, confusion.png."""
-    cfg = params.evaluate
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
-    resolution = checkpoint["resolution"]
-    test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
-                                eval_transform(resolution))
-    loader = DataLoader(test_set, batch_size=64, num_workers=params.train.workers)
-    device = resolve_device(cfg.device)
-    accuracy, speed, logits_by = {}, [], {}
-    for name, predict in _backends(model, onnx_path, device, cfg.threads).items():
-        logits, labels = predict_all(predict, loader)
-        logits_by[name] = logits
-        accuracy[name] = topk_accuracy(logits, labels)
+def _measure(backends: dict, loader: DataLoader, resolution: int, cfg) -> tuple:
+    """(accuracy, speed rows, logits, labels) of every back-end on the test split."""
+    accuracy, speed, logits_by, labels = {}, [], {}, None
+    for name, predict in backends.items():
+        logits_by[name], labels = predict_all(predict, loader)
+        accuracy[name] = topk_accuracy(logits_by[name], labels)
         for batch in cfg.batch_sizes:
             row = measure_speed(predict, batch, resolution, warmup=cfg.warmup,
                                 repeats=cfg.repeats)
             speed.append({"backend": name, **row})
         log.info("%s: %s", name, accuracy[name])
+    return accuracy, speed, logits_by, labels
+
+
+def _check_onnx_agrees(accuracy: dict) -> None:
+    delta = abs(accuracy["onnxruntime"]["top1"] - accuracy["torch_fp32"]["top1"])
+    if delta > TOP1_TOLERANCE_PP:
+        raise ParityError(f"ONNX Runtime top-1 differs from PyTorch fp32 by {delta:.2f} points "
+                          f"(> {TOP1_TOLERANCE_PP}): re-run the export stage and inspect it")
+
+
+def _log_run(checkpoint_dir: Path, metrics: EvaluationMetrics, out: Path, om_dir: Path) -> None:
+    with tracking.appended_run(checkpoint_dir) as mlflow:
+        if not mlflow:
+            return
+        mlflow.log_metrics({f"test_{k}" if "top" in k else k: v
+                            for k, v in metrics.values().items()})
+        for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
+            mlflow.log_artifact(str(out / name), "evaluation")
+        for path in (om_dir / OM_MANIFEST, *sorted(om_dir.glob("*.om"))):
+            if path.is_file():
+                mlflow.log_artifact(str(path), "om")
+
+
+def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
+             data_root: Path, splits: Path, out: Path) -> EvaluationMetrics:
+    """Measure every back-end; write metrics.json, fps.json, fps.md, fps.png, confusion.png."""
+    cfg = params.evaluate
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
+    resolution = ModelRecord.of_checkpoint(checkpoint).resolution
+    test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
+                                eval_transform(resolution))
+    loader = DataLoader(test_set, batch_size=64, num_workers=params.train.workers)
+    backends = _backends(model, onnx_path, resolve_device(cfg.device), cfg.threads)
+    accuracy, speed, logits_by, labels = _measure(backends, loader, resolution, cfg)
     images = np.concatenate([x.numpy() for x, _ in loader]).astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
         om_accuracy, om_speed, om_skipped = om_results(om_dir, images, labels, cfg, Path(scratch))
@@ -145,32 +171,20 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
     speed += om_speed
     if om_skipped:
         log.info("OM not evaluated: %s", om_skipped)
-    delta = abs(accuracy["onnxruntime"]["top1"] - accuracy["torch_fp32"]["top1"])
-    if delta > TOP1_TOLERANCE_PP:
-        raise ParityError(f"ONNX Runtime top-1 differs from PyTorch fp32 by {delta:.2f} points "
-                          f"(> {TOP1_TOLERANCE_PP}): re-run the export stage and inspect it")
-    classes = read_classes(splits)
-    metrics = {"test_images": len(test_set), "resolution": resolution,
-               "om_skipped": om_skipped or "",
-               **{f"{b}_{k}": v for b, acc in accuracy.items() for k, v in acc.items()},
-               **{f"{r['backend']}_fps_bs{r['batch']}": round(r["fps"], 2) for r in speed}}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
+    _check_onnx_agrees(accuracy)
+    metrics = EvaluationMetrics(
+        test_images=len(test_set), om_skipped=om_skipped or "",
+        **{metric_key(b, k): v for b, acc in accuracy.items() for k, v in acc.items()},
+        **{metric_key(r["backend"], f"fps_bs{r['batch']}"): round(r["fps"], 2) for r in speed})
+    metrics.write(out / "metrics.json")
     atomic_write_json(out / "fps.json", speed)
     table = markdown_table(accuracy, speed)
     atomic_write_text(out / "fps.md", table)
     plot_fps(speed, out / "fps.png")
+    classes = read_classes(splits)
     plot_confusion(confusion_matrix(logits_by["torch_fp32"], labels, len(classes)), classes,
                    out / "confusion.png")
-    with tracking.appended_run(checkpoint_dir) as mlflow:
-        if mlflow:
-            mlflow.log_metrics({f"test_{k}" if "top" in k else k: float(v)
-                                for k, v in metrics.items() if not isinstance(v, str)})
-            for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
-                mlflow.log_artifact(str(out / name), "evaluation")
-            for path in (om_dir / OM_MANIFEST, *sorted(om_dir.glob("*.om"))):
-                if path.is_file():
-                    mlflow.log_artifact(str(path), "om")
+    _log_run(checkpoint_dir, metrics, out, om_dir)
     print(table)
     return metrics
 
@@ -188,7 +202,7 @@ def _run(args: argparse.Namespace, params: Params) -> None:
     """Evaluate PyTorch and ONNX Runtime: accuracy and throughput."""
     metrics = evaluate(params, args.checkpoint, args.onnx, args.om, args.data, args.splits,
                        args.out)
-    log.info("wrote %s", json.dumps({k: v for k, v in metrics.items() if "top" in k}))
+    log.info("wrote %s", json.dumps({k: v for k, v in metrics.values().items() if "top" in k}))
 
 
 def main(argv=None) -> int:

@@ -8,10 +8,9 @@ from pathlib import Path
 import torch
 
 from bit_core.config import Params
-from bit_core.contracts import CHECKPOINT, ONNX_FILE
+from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport, ModelRecord
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.export import check_parity, export_onnx, op_types
-from bit_core.io import atomic_write_json
 from bit_core.splits import read_split
 from bit_core.weights import load_trained
 from tasks import tracking
@@ -26,21 +25,22 @@ def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8) -
 
 
 def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, out: Path,
-           report: Path) -> dict:
+           report: Path) -> ExportReport:
     """Export, then fail unless ONNX Runtime matches PyTorch within export.atol."""
     cfg = params.export
     model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
-    resolution = checkpoint["resolution"]
+    record = ModelRecord.of_checkpoint(checkpoint)
+    resolution = record.resolution
     path = export_onnx(model, out / ONNX_FILE, resolution=resolution, opset=cfg.opset,
-                       simplify=cfg.simplify)
+                       simplify=cfg.simplify, metadata=record.onnx_metadata())
     parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
                           atol=cfg.atol, real_images=real_batch(data_root, splits, resolution))
-    result = {"opset": cfg.opset, "resolution": resolution, "onnx_bytes": path.stat().st_size,
-              "op_types": sorted(op_types(path)), **parity}
-    atomic_write_json(report, result)
+    result = ExportReport(opset=cfg.opset, onnx_bytes=path.stat().st_size,
+                          op_types=sorted(op_types(path)), **parity)
+    result.write(report)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow:
-            mlflow.log_metric("onnx_max_abs_diff", parity["max_abs_diff"])
+            mlflow.log_metric("onnx_max_abs_diff", result.max_abs_diff)
             mlflow.log_artifact(str(path), "onnx")
     return result
 
@@ -56,8 +56,7 @@ def _args(parser: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Export to ONNX and check parity on ONNX Runtime."""
     result = export(params, args.checkpoint, args.data, args.splits, args.out, args.report)
-    log.info("exported %s: max |onnx - torch| = %.2e", args.out / ONNX_FILE,
-             result["max_abs_diff"])
+    log.info("exported %s: max |onnx - torch| = %.2e", args.out / ONNX_FILE, result.max_abs_diff)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE
 from bit_core.data import ImageListDataset, eval_transform, train_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
-from bit_core.hyperrule import get_resolution
+from bit_core.hyperrule import resolve_resolution
 from bit_core.io import atomic_path, atomic_write, atomic_write_json
 from bit_core.plots import plot_loss
 from bit_core.splits import read_classes, read_split
@@ -30,14 +30,6 @@ from tasks import tracking
 from tasks.common import log, read_params, stage_main
 
 CACHE_LIMIT = 100_000  # keep decoded images in memory for data sets up to this size
-
-
-def resolve_sizes(params: Params, stats: dict) -> tuple[int, int]:
-    """(precrop, crop): params.yaml values, else the BiT-HyperRule for the images' size."""
-    rule_precrop, rule_crop = get_resolution((stats["image_height"], stats["image_width"]))
-    crop = params.train.resolution or rule_crop
-    precrop = params.train.precrop or round(crop * rule_precrop / rule_crop)
-    return precrop, crop
 
 
 def _loader(dataset, batch: int, workers: int) -> DataLoader:
@@ -119,7 +111,8 @@ def _datasets(params: Params, data_root: Path, splits: Path):
     """(train set, val set, classes, (precrop, crop)) of the prepared splits."""
     cfg = params.train
     stats = json.loads((splits / "stats.json").read_text())
-    precrop, crop = resolve_sizes(params, stats)
+    precrop, crop = resolve_resolution((stats["image_height"], stats["image_width"]),
+                                       cfg.resolution, cfg.precrop)
     train_samples = read_split(splits / "train.csv")
     cache = len(train_samples) <= CACHE_LIMIT
     train_set = ImageListDataset(data_root, train_samples, train_transform(precrop, crop, cfg.flip),

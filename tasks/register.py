@@ -17,7 +17,6 @@ so whichever register writes last writes the same answer.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import onnx
 
 from bit_core.config import Params
+from bit_core.contracts import EvaluationMetrics, ExportReport, ModelRecord
 from bit_core.errors import ConfigError
 from bit_core.io import atomic_write_json
 from bit_core.splits import fingerprint
@@ -101,12 +101,12 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
              export_report: Path, splits: Path, out: Path) -> dict:
     """Log the ONNX model to the run, register a version, settle the aliases; write `out`."""
     cfg = params.registry
-    metrics = json.loads(eval_metrics.read_text())
+    metrics = EvaluationMetrics.read(eval_metrics, "evaluate").values()
     if cfg.metric not in metrics:
         raise ConfigError(f"registry.metric {cfg.metric!r} is not in {eval_metrics}: choose one of "
                           f"{', '.join(k for k in metrics if 'top' in k)}")
-    value = float(metrics[cfg.metric])
-    parity = json.loads(export_report.read_text())["max_abs_diff"] <= params.export.atol
+    value = metrics[cfg.metric]
+    parity = ExportReport.read(export_report, "export_onnx").max_abs_diff <= params.export.atol
     data = fingerprint(splits)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow is None:
@@ -114,7 +114,7 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
-        info = _log_model(mlflow, onnx_path, metrics["resolution"])
+        info = _log_model(mlflow, onnx_path, ModelRecord.of_onnx(onnx_path).resolution)
         before = _holder(client, cfg.model_name)
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             METRIC_TAG: str(value), PARITY_TAG: str(parity), SOURCE_TAG: params.data.source,

@@ -53,3 +53,13 @@ def test_plan_follows_rule_unless_overridden():
     custom = make_plan(TrainConfig(batch=64, schedule=[10, 20], mixup_alpha=0.0), 50_000)
     assert custom.schedule == [10, 20] and custom.mixup_alpha == 0.0
     assert custom.lr == pytest.approx(0.003 / 8)
+
+
+def test_resolution_overrides_keep_the_rule_ratio():
+    from bit_core.hyperrule import resolve_resolution
+
+    assert resolve_resolution((32, 32)) == (160, 128)
+    assert resolve_resolution((300, 400)) == (512, 480)
+    assert resolve_resolution((8, 8), crop=24) == (30, 24)  # 24 * 160 / 128
+    assert resolve_resolution((8, 8), crop=24, precrop=26) == (26, 24)
+    assert resolve_resolution((300, 400), precrop=600) == (600, 480)

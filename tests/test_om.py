@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bit_core.om import (OMError, ais_bench_command, atc_command, cann_environment, compile_om,
-                         detect_soc_version, find_tool, onnx_resolution, parse_ais_bench,
+                         detect_soc_version, find_tool, parse_ais_bench,
                          read_ais_outputs, run_ais_bench)
 
 BATCHES = [1, 4, 8, 16, 32, 64]
@@ -460,26 +460,3 @@ def test_read_ais_outputs_natural_order(tmp_path: Path) -> None:
 def test_read_ais_outputs_empty_raises(tmp_path: Path) -> None:
     with pytest.raises(OMError, match="no .npy outputs"):
         read_ais_outputs(tmp_path)
-
-
-def _identity_onnx(path: Path, shape: list) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["image"], ["logits"])], "g",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, shape)])
-    onnx.save(helper.make_model(graph), str(path))
-    return path
-
-
-def test_onnx_resolution_reads_the_input_size(tmp_path: Path):
-    assert onnx_resolution(_identity_onnx(tmp_path / "a.onnx", ["batch", 3, 24, 24])) == 24
-    with pytest.raises(OMError, match=r"input shape \[0, 3, 24, 32\], not \[batch, 3, size, size\]"):
-        onnx_resolution(_identity_onnx(tmp_path / "b.onnx", ["batch", 3, 24, 32]))
-
-
-def test_onnx_resolution_of_a_broken_file_says_to_export_again(onnx_file: Path):
-    with pytest.raises(OMError, match=r"cannot read ONNX model .*re-run the export_onnx stage"):
-        onnx_resolution(onnx_file)

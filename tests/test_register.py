@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from bit_core.config import load_params
+from bit_core.contracts import EvaluationMetrics, ExportReport, ModelRecord
 from tasks import tracking
 from tasks.register import (CHALLENGER, CHAMPION, Candidate, choose_champion, register,
                             settle_champion)
@@ -21,6 +22,9 @@ def _tiny_onnx(path):
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    record = ModelRecord(model_name="BiT-M-R50x1", classes=["a", "b", "c"], resolution=4,
+                         precrop=5)
+    helper.set_model_props(model, record.onnx_metadata())  # as the export stage writes it
     onnx.save(model, path)
 
 
@@ -53,9 +57,10 @@ def pipeline_run(tmp, params, name, top1, parity=1e-6, test_images=3):
     experiment_id = experiment.experiment_id if experiment else \
         client.create_experiment("registry-test")
     tracking.write_run_file(run_dir, client.create_run(experiment_id, run_name=name).info.run_id)
-    (run_dir / "metrics.json").write_text(json.dumps({"onnxruntime_top1": top1,
-                                                      "resolution": 4}))
-    (run_dir / "export.json").write_text(json.dumps({"max_abs_diff": parity}))
+    EvaluationMetrics(test_images=3, om_skipped="no ATC here", onnxruntime_top1=top1).write(
+        run_dir / "metrics.json")
+    ExportReport(opset=17, onnx_bytes=100, op_types=["Flatten"], max_abs_diff=parity).write(
+        run_dir / "export.json")
     prepared_data(run_dir / "prepared", test_images)
     return run_dir
 
