@@ -46,6 +46,16 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     shots: int | None = Field(None, ge=1)  # few-shot: examples per class in train
 
+    @model_validator(mode="after")
+    def _location_for_source(self) -> DataConfig:
+        if self.source == "imagefolder" and not self.folder:
+            raise ValueError("source 'imagefolder' needs data.folder: set it to a directory of "
+                             "class sub-folders")
+        if self.source == "imagenet" and not self.imagenet_dir:
+            raise ValueError("source 'imagenet' needs data.imagenet_dir: set it to the folder "
+                             "holding the ILSVRC2012 archives")
+        return self
+
 
 class ModelConfig(_Section):
     """Which BiT variant."""
@@ -126,9 +136,17 @@ class CompileConfig(_Section):
     """ONNX -> Ascend OM with ATC."""
 
     soc_version: str | None = None  # e.g. Ascend310P3; null: read from `npu-smi info`
-    batch_sizes: list[int] = [1, 4, 8, 16, 32, 64]
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 4, 8, 16, 32, 64], min_length=1)
     dynamic_batch: bool = False
     atc: str = "atc"  # executable name or path
+
+    @model_validator(mode="after")
+    def _batches(self) -> CompileConfig:
+        if len(set(self.batch_sizes)) != len(self.batch_sizes):
+            raise ValueError(f"{self.batch_sizes} has duplicates: list each size once")
+        if self.dynamic_batch and not 2 <= len(self.batch_sizes) <= 100:
+            raise ValueError("dynamic_batch needs 2 to 100 batch sizes (ATC's gears)")
+        return self
 
 
 class EvaluateConfig(_Section):
@@ -179,8 +197,10 @@ def _first_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key {key!r}: remove it or fix its spelling"
     if kind == "missing":
         return f"{source}: missing section or key {key!r}: add it (see the README)"
-    value = first.get("input")
-    return redact(f"{source}: {key} = {value!r}: {msg.removeprefix('Value error, ')}")
+    value, msg = first.get("input"), msg.removeprefix("Value error, ")
+    if isinstance(value, dict):  # a rule about the whole section: its values would only clutter
+        return redact(f"{source}: {key}: {msg}")
+    return redact(f"{source}: {key} = {value!r}: {msg}")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

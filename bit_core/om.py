@@ -238,18 +238,6 @@ def _plan(onnx: Path, out_dir: Path, batch_sizes: list[int], resolution: int, so
     return builds
 
 
-def _check_batches(batch_sizes: list[int], dynamic_batch: bool) -> None:
-    """Validate the requested batch sizes before any work."""
-    if not batch_sizes:
-        raise OMError("batch_sizes is empty: give at least one batch size to compile")
-    for batch in batch_sizes:
-        _check_positive(batch, "batch size")
-    if len(set(batch_sizes)) != len(batch_sizes):
-        raise OMError(f"batch_sizes {batch_sizes} has duplicates: list each size once")
-    if dynamic_batch:
-        _check_dynamic(sorted(batch_sizes))
-
-
 def _clear_outputs(out_dir: Path) -> None:
     """Create `out_dir` and remove .om files and the manifest left by earlier runs."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -304,7 +292,6 @@ def compile_om(onnx: Path, out_dir: Path, *, batch_sizes: list[int], resolution:
         OMError: Bad arguments, missing ONNX, undetectable SoC or a failing ATC run.
     """
     onnx, out_dir = Path(onnx).resolve(), Path(out_dir).resolve()
-    _check_batches(batch_sizes, dynamic_batch)
     if not onnx.is_file():
         raise OMError(f"ONNX model not found: {onnx}: export it first")
     env = cann_environment(atc=atc)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from bit_core.archives import DEFAULT_CACHE
 from bit_core.config import DataConfig, Params
 from bit_core.errors import DataError
 from bit_core.io import atomic_dir
-from bit_core.sources import (CIFAR, DEFAULT_CACHE, materialize_cifar, materialize_digits,
-                              materialize_folder,
-                              materialize_imagenet)
+from bit_core.cifar import CIFAR, materialize_cifar
+from bit_core.imagenet import materialize_imagenet
+from bit_core.sources import materialize_digits, materialize_folder
 from tasks.common import log, stage_main
 
 
@@ -34,14 +35,8 @@ def fetch(cfg: DataConfig, out: Path, *, cache_dir: Path = DEFAULT_CACHE,
         return materialize_cifar(cfg.source, out, url=cfg.url, archive=cfg.archive, md5=cfg.md5,
                                  cache_dir=cache_dir, progress=progress)
     if cfg.source == "imagefolder":
-        if not cfg.folder:
-            raise DataError("data.source imagefolder needs data.folder: set it to a directory "
-                            "of class sub-folders")
         return materialize_folder(cfg.folder, out)
     if cfg.source == "imagenet":
-        if not cfg.imagenet_dir:
-            raise DataError("data.source imagenet needs data.imagenet_dir: set it to the folder "
-                            "holding the ILSVRC2012 archives")
         return materialize_imagenet(cfg.imagenet_dir, out)
     raise DataError(f"data.source {cfg.source!r} is unknown: use digits, cifar10, cifar100, "
                     "imagefolder or imagenet")

@@ -119,3 +119,21 @@ def test_unknown_preset(params_file):
 
     with pytest.raises(ConfigError, match="unknown preset 'cifar11'.*cifar10"):
         preset_overrides("cifar11")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.source=imagefolder", "yaml: data: source 'imagefolder' needs data.folder"),
+    ("data.source=imagenet", "source 'imagenet' needs data.imagenet_dir"),
+    ("compile.batch_sizes=[1, 1]", r"yaml: compile: \[1, 1\] has duplicates: list each size once"),
+    ("compile.batch_sizes=[]", "compile.batch_sizes"),
+    ("compile.batch_sizes=[0, 4]", "compile.batch_sizes.0"),
+])
+def test_settings_that_cannot_work_are_refused_in_one_line(params_file, override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        apply_overrides(params_file, [override])
+    assert "\n" not in str(err.value)
+
+
+def test_dynamic_batch_needs_gears(params_file):
+    with pytest.raises(ConfigError, match="2 to 100 batch sizes"):
+        apply_overrides(params_file, ["compile.dynamic_batch=true", "compile.batch_sizes=[8]"])

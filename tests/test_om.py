@@ -371,9 +371,6 @@ def test_compile_om_rejects_bad_inputs(clean_env: Path, onnx_file: Path, tmp_pat
     with pytest.raises(OMError, match="ONNX model not found"):
         compile_om(tmp_path / "missing.onnx", tmp_path / "om", batch_sizes=[1], resolution=RES,
                    soc_version="Ascend310P3", dynamic_batch=False)
-    with pytest.raises(OMError, match="duplicates"):
-        compile_om(onnx_file, tmp_path / "om", batch_sizes=[1, 1], resolution=RES,
-                   soc_version="Ascend310P3", dynamic_batch=False)
     with pytest.raises(OMError, match="2 to 100"):
         compile_om(onnx_file, tmp_path / "om", batch_sizes=[8], resolution=RES,
                    soc_version="Ascend310P3", dynamic_batch=True)

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 import scipy.io
 from PIL import Image
 
 from bit_core.config import DataConfig
 from bit_core.contracts import read_split_marker
 from bit_core.errors import DataError
-from bit_core.sources import load_pickle, materialize_cifar, materialize_imagenet, safe_extract
+from bit_core.archives import safe_extract
+from bit_core.cifar import load_pickle, materialize_cifar
+from bit_core.imagenet import materialize_imagenet
 from tasks.fetch_data import fetch
 from tests.http_fixtures import ArchiveServer
 
@@ -362,8 +365,8 @@ def test_imagenet_missing_archive_says_where_to_get_it(tmp_path: Path) -> None:
                        rf"it from https://image-net.org/ \(login required\) and put it in "
                        rf"{archives}$"):
         fetch(DataConfig(source="imagenet", imagenet_dir=str(archives)), out)
-    with pytest.raises(DataError, match="needs data.imagenet_dir"):
-        fetch(DataConfig(source="imagenet"), out)
+    with pytest.raises(ValidationError, match="needs data.imagenet_dir"):
+        DataConfig(source="imagenet")
     assert not out.exists()
 
 
@@ -395,8 +398,8 @@ def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
     assert (out / "cat" / "a.png").is_file()  # a snapshot: survives the source's removal
     _no_leftovers(out.parent)
 
-    with pytest.raises(DataError, match="needs data.folder"):
-        fetch(DataConfig(source="imagefolder"), out)
+    with pytest.raises(ValidationError, match="needs data.folder"):
+        DataConfig(source="imagefolder")
     with pytest.raises(DataError, match="overlaps the output"):
         fetch(DataConfig(source="imagefolder", folder=str(out)), out)
     assert (out / "cat" / "a.png").is_file()

@@ -1,0 +1,86 @@
+"""Archives as they are downloaded: where they are kept, and extraction that refuses anything
+unsafe (absolute paths, ``..``, links, devices) and reports a truncated or corrupt archive in one
+line, leaving nothing half-extracted."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+
+from bit_core.errors import DataError
+from bit_core.io import atomic_dir
+
+DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")  # downloaded archives, kept between runs
+CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOFError,
+            zlib.error, gzip.BadGzipFile)
+
+
+def why_corrupt(err: BaseException) -> str:
+    """A one-line reason for an archive read error."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return "not a tar archive" if "could not be opened successfully" in text else text
+
+
+def _unsafe_reason(member: tarfile.TarInfo) -> str | None:
+    """Why a tar member must not be extracted, or None when it is a plain file or folder."""
+    name = member.name
+    if PurePosixPath(name).is_absolute() or re.match(r"[A-Za-z]:[/\\]|[/\\]", name):
+        return "an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "a '..' component"
+    if member.issym() or member.islnk():
+        return "a link"
+    if not (member.isfile() or member.isdir()):
+        return "a device or special file"
+    return None
+
+
+def _checked(tar: tarfile.TarFile, where: str) -> Iterator[tarfile.TarInfo]:
+    """The members of `tar`, refusing any that could write outside the target or be a link."""
+    for member in tar:
+        reason = _unsafe_reason(member)
+        if reason:
+            raise DataError(f"{where}: member {member.name!r} has {reason}; refusing to extract "
+                            "it: use the official archive")
+        yield member
+
+
+def safe_extract(archive: str | Path, dest: Path, fileobj: IO[bytes] | None = None) -> Path:
+    """Extract a (possibly compressed) tar into `dest`, all or nothing.
+
+    Members with absolute paths, ``..`` components, links or device files are refused; the
+    ``data`` extraction filter is applied too where Python has it. Extraction goes to a temporary
+    sibling that replaces `dest` only when complete.
+
+    Args:
+        archive: the tar file, or, with `fileobj`, its name for messages.
+        dest: the directory to create (replaced if it exists).
+        fileobj: an open, seekable tar stream to read instead of `archive`.
+
+    Returns:
+        `dest`.
+
+    Raises:
+        DataError: the archive is missing, truncated, corrupt or has an unsafe member.
+    """
+    where = str(archive)
+    if fileobj is None and not Path(archive).is_file():
+        raise DataError(f"archive {where} does not exist: download it again")
+    kwargs: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with atomic_dir(dest) as tmp:
+        try:
+            with tarfile.open(None if fileobj else archive, "r:*", fileobj=fileobj) as tar:
+                tar.extractall(tmp, members=_checked(tar, where), **kwargs)
+        except tarfile.FilterError as err:
+            raise DataError(f"{where}: unsafe member ({err}); refusing to extract it: use the "
+                            "official archive") from None
+        except CORRUPT as err:
+            raise DataError(f"{where} is truncated or corrupt ({why_corrupt(err)}): delete it and "
+                            "download it again") from None
+    return dest

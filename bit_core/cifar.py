@@ -1,0 +1,226 @@
+"""CIFAR-10 and CIFAR-100 from their official python archives, as class folders with the official
+test set kept apart::
+
+    <out>/split.json, <out>/train/<class>/<image>.png, <out>/test/<class>/<image>.png
+
+The archive is verified (MD5) before anything is read, and its pickles are read by an unpickler
+that only knows how to rebuild numpy arrays: never unpickle anything else from a download.
+"""
+
+from __future__ import annotations
+
+import codecs
+import pickle
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+
+from bit_core.archives import DEFAULT_CACHE, safe_extract
+from bit_core.contracts import write_split_marker
+from bit_core.download import download
+from bit_core.errors import DataError, DownloadError
+from bit_core.io import atomic_dir, file_digest
+
+
+@dataclass(frozen=True)
+class CifarSpec:
+    """Where a CIFAR variant comes from and how its python archive is laid out."""
+
+    url: str
+    md5: str
+    folder: str
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    meta: str
+    labels_key: str
+    names_key: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+CIFAR: dict[str, CifarSpec] = {
+    "cifar10": CifarSpec("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                         "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+                         tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                         "batches.meta", "labels", "label_names"),
+    "cifar100": CifarSpec("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                          "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python", ("train",),
+                          ("test",), "meta", "fine_labels", "fine_label_names"),
+}
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """What protocol-2 pickles written by Python 3 call (as ``_codecs.encode``) to make bytes."""
+    if codecs.lookup(encoding).name != "iso8859-1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR pickle may name: numpy array reconstruction and latin-1 bytes."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+            ("_codecs", "encode"): _latin1_encode}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """An unpickler that refuses every global except those numpy arrays are rebuilt from."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        super().__init__(file, encoding="bytes")
+        self._allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
+
+
+def load_pickle(path: Path) -> dict[str, Any]:
+    """Read one CIFAR batch or meta file, allowing only lists, bytes, numbers and numpy arrays.
+
+    Returns:
+        The dict, with keys decoded to str.
+
+    Raises:
+        DataError: the file is missing, is not such a dict, or names any other global.
+    """
+    try:
+        with open(path, "rb") as handle:
+            value = _ArrayUnpickler(handle).load()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing from the archive: download it again") from None
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise DataError(f"{path} is not a CIFAR python batch ({err}); refusing it: use the "
+                        "official archive") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path} is not a CIFAR python batch (no dict): use the official archive")
+    return {(k.decode("latin1") if isinstance(k, bytes) else str(k)): v for k, v in value.items()}
+
+
+def _class_names(path: Path, key: str) -> list[str]:
+    """The label names of a CIFAR meta file, checked to be usable as folder names."""
+    raw = load_pickle(path).get(key)
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{path} has no {key!r} list: use the official archive")
+    names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in raw]
+    for name in names:
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise DataError(f"{path}: label name {name!r} cannot be a folder name: "
+                            "use the official archive")
+    if len(set(names)) != len(names):
+        raise DataError(f"{path}: {key!r} repeats a name: use the official archive")
+    return names
+
+
+def _read_batches(folder: Path, members: Sequence[str], labels_key: str,
+                  classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) and labels (N,) of some CIFAR batch files, validated."""
+    images, labels = [], []
+    for member in members:
+        path = folder / member
+        batch = load_pickle(path)
+        data, found = batch.get("data"), batch.get(labels_key)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3072):
+            raise DataError(f"{path}: 'data' is not an N x 3072 uint8 array: use the official "
+                            "archive")
+        found = np.asarray(found if found is not None else [], dtype=np.int64)
+        if found.shape != (len(data),) or (found.size and not 0 <= found.min() <= found.max()
+                                           < classes):
+            raise DataError(f"{path}: {labels_key!r} does not give one label in 0..{classes - 1} "
+                            "per image: use the official archive")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(found)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _write_pngs(folder: Path, images: np.ndarray, labels: np.ndarray, names: Sequence[str]) -> int:
+    """Write images as `folder`/<label name>/<index>.png; only classes that occur get a folder."""
+    for label in np.unique(labels):
+        (folder / names[label]).mkdir(parents=True, exist_ok=True)
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(np.ascontiguousarray(image)).save(
+            folder / names[label] / f"{index:05d}.png")
+    return len(images)
+
+
+def cifar_archive(variant: str, *, url: str | None = None, archive: str | Path | None = None,
+                  md5: str | None = None, cache_dir: str | Path = DEFAULT_CACHE,
+                  progress: bool = True) -> Path:
+    """The verified CIFAR python archive: a local copy, or a (cached, resumable) download.
+
+    Args:
+        variant: ``cifar10`` or ``cifar100``.
+        url: a mirror instead of the official address.
+        archive: a local copy to use instead of downloading.
+        md5: the expected MD5 instead of the official one.
+        cache_dir: where downloads are kept.
+        progress: show a progress bar while downloading.
+
+    Raises:
+        DataError: the local copy is missing, or the archive's MD5 does not match.
+    """
+    spec = CIFAR[variant]
+    md5 = (md5 or spec.md5).lower()
+    if archive is not None:
+        path = Path(archive).expanduser()
+        if not path.is_file():
+            raise DataError(f"data.archive {path} does not exist: fix the path or set it to null "
+                            "to download")
+        got = file_digest(path, "md5")
+        if got != md5:
+            raise DataError(f"{path} has md5 {got}, expected {md5}: it is not the {variant} "
+                            f"python archive; download {spec.url} again")
+        return path
+    dest = Path(cache_dir).expanduser() / spec.filename
+    try:
+        return download(url or spec.url, dest, md5=md5, progress=progress, what=spec.filename,
+                        mirror=bool(url))
+    except DownloadError as err:
+        raise DataError(f"{err} Or set data.archive to a local copy.") from None
+
+
+def materialize_cifar(variant: str, out: Path, *, url: str | None = None,
+                      archive: str | Path | None = None, md5: str | None = None,
+                      cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True) -> int:
+    """Write CIFAR-10 or CIFAR-100 as PNGs in the official split layout under `out` (replaced).
+
+    The archive is verified, extracted with :func:`safe_extract` into a temporary folder, and
+    only its known members are read, with :func:`load_pickle`. Arguments are as in
+    :func:`cifar_archive`.
+
+    Returns:
+        The number of images written (train + test).
+    """
+    spec = CIFAR[variant]
+    path = cifar_archive(variant, url=url, archive=archive, md5=md5, cache_dir=cache_dir,
+                         progress=progress)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{variant}-", dir=out.parent) as scratch:
+        extracted = safe_extract(path, Path(scratch) / "x") / spec.folder
+        if not extracted.is_dir():
+            raise DataError(f"{path} has no {spec.folder}/ folder: it is not the {variant} "
+                            "python archive")
+        names = _class_names(extracted / spec.meta, spec.names_key)
+        counts = {}
+        with atomic_dir(out) as tmp:
+            for split, members in (("train", spec.train), ("test", spec.test)):
+                images, labels = _read_batches(extracted, members, spec.labels_key, len(names))
+                counts[split] = _write_pngs(tmp / split, images, labels, names)
+            write_split_marker(tmp, variant, names, counts)
+    return sum(counts.values())
