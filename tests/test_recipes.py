@@ -23,7 +23,7 @@ from bit_core.model import build_model
 from bit_core.weights import save_npz
 from tests.http_fixtures import ArchiveServer
 from tests.conftest import BIN, make_clone
-from tests.test_sources import CIFAR10_NAMES, _py2_pickle, _tar
+from tests.archives import CIFAR10_NAMES, py2_pickle, tar_bytes
 
 pytestmark = pytest.mark.slow
 STEPS = 2
@@ -39,16 +39,16 @@ def _cifar10_full_size(seed: int = 0) -> bytes:
         labels = rng.integers(0, 10, size=n)
         planes = np.repeat(colours[labels], 1024, axis=1)  # N x 3072, R then G then B planes
         noise = rng.integers(0, 8, size=planes.shape, dtype=np.uint8)
-        return _py2_pickle({b"batch_label": label.encode(), b"labels": labels.tolist(),
+        return py2_pickle({b"batch_label": label.encode(), b"labels": labels.tolist(),
                             b"data": planes + noise,
                             b"filenames": [f"img_{i}.png".encode() for i in range(n)]})
 
     members = {f"cifar-10-batches-py/data_batch_{i}": batch(10_000, f"training batch {i} of 5")
                for i in range(1, 6)}
     members["cifar-10-batches-py/test_batch"] = batch(10_000, "testing batch 1 of 1")
-    members["cifar-10-batches-py/batches.meta"] = _py2_pickle(
+    members["cifar-10-batches-py/batches.meta"] = py2_pickle(
         {b"num_cases_per_batch": 10_000, b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
-    return _tar(members)
+    return tar_bytes(members)
 
 
 def _official_weights(path: Path) -> Path:

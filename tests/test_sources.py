@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
-import struct
 import tarfile
 from pathlib import Path
 
@@ -23,62 +21,8 @@ from bit_core.archives import safe_extract
 from bit_core.cifar import load_pickle, materialize_cifar
 from bit_core.imagenet import materialize_imagenet
 from tasks.fetch_data import fetch
+from tests.archives import CIFAR10_NAMES, md5, py2_pickle, tar_bytes
 from tests.http_fixtures import ArchiveServer
-
-CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-                 b"ship", b"truck"]
-
-
-# --- archive builders ----------------------------------------------------------------------------
-
-def _tar(members: dict[str, bytes], mode: str = "w:gz") -> bytes:
-    """A tar (gzip-compressed by default) of regular files, with their parent folders."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as tar:
-        folders = sorted({str(Path(n).parent) for n in members} - {"."})
-        for folder in folders:
-            info = tarfile.TarInfo(folder)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-class _Python2Pickler(pickle._Pickler):
-    """Pickles as the real CIFAR files were written by Python 2: strings as BINSTRING (loaded as
-    bytes with encoding="bytes") and numpy's array rebuilder under numpy.core.multiarray."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_py2_str(self, obj: bytes | str) -> None:
-        data = obj.encode("latin1") if isinstance(obj, str) else obj
-        size = len(data)
-        self.write(pickle.SHORT_BINSTRING + bytes([size]) + data if size < 256
-                   else pickle.BINSTRING + struct.pack("<i", size) + data)
-        self.memoize(obj)
-
-    dispatch[bytes] = dispatch[str] = _save_py2_str
-
-    def save_global(self, obj: object, name: str | None = None) -> None:
-        if getattr(obj, "__name__", None) == "_reconstruct":
-            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
-            self.memoize(obj)
-        else:
-            super().save_global(obj, name)
-
-
-def _py2_pickle(obj: object) -> bytes:
-    buffer = io.BytesIO()
-    _Python2Pickler(buffer, protocol=2).dump(obj)
-    return buffer.getvalue()
-
 
 def _batch(rng: np.random.Generator, n: int, labels_key: bytes, classes: int) -> tuple[dict, list]:
     """A CIFAR batch dict as in the real files (bytes keys, N x 3072 uint8 planes), its labels."""
@@ -103,14 +47,14 @@ def _cifar10(seed: int = 0, replace: dict[str, bytes] | None = None) -> tuple[by
     rng = np.random.default_rng(seed)
     train = [_batch(rng, 2, b"labels", 10) for _ in range(5)]
     test = [_batch(rng, 3, b"labels", 10)]
-    members = {f"cifar-10-batches-py/data_batch_{i + 1}": _py2_pickle(b)
+    members = {f"cifar-10-batches-py/data_batch_{i + 1}": py2_pickle(b)
                for i, (b, _) in enumerate(train)}
-    members["cifar-10-batches-py/test_batch"] = _py2_pickle(test[0][0])
-    members["cifar-10-batches-py/batches.meta"] = _py2_pickle(
+    members["cifar-10-batches-py/test_batch"] = py2_pickle(test[0][0])
+    members["cifar-10-batches-py/batches.meta"] = py2_pickle(
         {b"num_cases_per_batch": 2, b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
     members["cifar-10-batches-py/readme.html"] = b"<html></html>"
     members.update(replace or {})
-    return _tar(members), {"train": _expected(train, CIFAR10_NAMES),
+    return tar_bytes(members), {"train": _expected(train, CIFAR10_NAMES),
                            "test": _expected(test, CIFAR10_NAMES)}
 
 
@@ -138,7 +82,7 @@ def test_cifar10_download_resumes_after_a_drop_and_writes_the_official_split(
     url = http_server.add("/cifar-10-python.tar.gz", archive, drop_after=drop)
     out, cache = tmp_path / "data" / "raw", tmp_path / "cache"
 
-    count = materialize_cifar("cifar10", out, url=url, md5=_md5(archive), cache_dir=cache,
+    count = materialize_cifar("cifar10", out, url=url, md5=md5(archive), cache_dir=cache,
                               progress=False)
 
     assert count == 13
@@ -151,7 +95,7 @@ def test_cifar10_download_resumes_after_a_drop_and_writes_the_official_split(
     assert marker["images"] == {"train": 10, "test": 3}
     _no_leftovers(out.parent)
 
-    materialize_cifar("cifar10", out, url=url, md5=_md5(archive), cache_dir=cache, progress=False)
+    materialize_cifar("cifar10", out, url=url, md5=md5(archive), cache_dir=cache, progress=False)
     assert len(http_server.ranges("/cifar-10-python.tar.gz")) == 2  # served from the cache
 
 
@@ -162,7 +106,7 @@ def test_cifar100_fine_labels_from_python3_protocol2_pickles(http_server: Archiv
     train, test = _batch(rng, 6, b"fine_labels", 100), _batch(rng, 4, b"fine_labels", 100)
     for batch, _ in (train, test):
         batch[b"coarse_labels"] = [0] * len(batch[b"data"])
-    archive = _tar({"cifar-100-python/train": pickle.dumps(train[0], protocol=2),
+    archive = tar_bytes({"cifar-100-python/train": pickle.dumps(train[0], protocol=2),
                     "cifar-100-python/test": pickle.dumps(test[0], protocol=2),
                     "cifar-100-python/meta": pickle.dumps(
                         {b"fine_label_names": names, b"coarse_label_names": [b"all"]},
@@ -170,7 +114,7 @@ def test_cifar100_fine_labels_from_python3_protocol2_pickles(http_server: Archiv
     url = http_server.add("/c100.tar.gz", archive)
     out = tmp_path / "raw"
 
-    assert materialize_cifar("cifar100", out, url=url, md5=_md5(archive),
+    assert materialize_cifar("cifar100", out, url=url, md5=md5(archive),
                              cache_dir=tmp_path / "cache", progress=False) == 10
 
     _assert_pngs(out, {"train": _expected([train], names), "test": _expected([test], names)})
@@ -191,7 +135,7 @@ def test_wrong_md5_is_rejected_and_nothing_is_written(http_server: ArchiveServer
     local.write_bytes(archive)
     out.mkdir()
     (out / "kept.txt").write_text("earlier output")
-    with pytest.raises(DataError, match=rf"{local} has md5 {_md5(archive)}, expected c58f3010"):
+    with pytest.raises(DataError, match=rf"{local} has md5 {md5(archive)}, expected c58f3010"):
         fetch(DataConfig(source="cifar10", archive=str(local)), out, cache_dir=cache)
     assert [p.name for p in out.iterdir()] == ["kept.txt"]
     _no_leftovers(tmp_path)
@@ -215,7 +159,7 @@ def test_a_pickle_naming_any_other_global_is_refused_unexecuted(tmp_path: Path) 
 
     with pytest.raises(DataError, match=r"data_batch_3 is not a CIFAR python batch .*global "
                                         r"(posix|os)\.system is not allowed"):
-        materialize_cifar("cifar10", out, archive=path, md5=_md5(archive))
+        materialize_cifar("cifar10", out, archive=path, md5=md5(archive))
 
     assert not marker.exists() and not out.exists()
     _no_leftovers(tmp_path)
@@ -273,7 +217,7 @@ def test_hostile_members_are_refused_and_nothing_lands_outside(tmp_path: Path, k
 def test_truncated_archive_is_reported_by_path_without_partial_output(
         tmp_path: Path, mode: str, suffix: str) -> None:
     blob = np.random.default_rng(2).bytes(120_000)  # incompressible
-    data = _tar({"top/a.bin": blob, "top/b.bin": blob[::-1]}, mode)
+    data = tar_bytes({"top/a.bin": blob, "top/b.bin": blob[::-1]}, mode)
     archive = tmp_path / f"broken.{suffix}"
     archive.write_bytes(data[: len(data) * 2 // 3])  # cut inside top/b.bin
     dest = tmp_path / "dest"
@@ -313,20 +257,20 @@ def _meta_mat(path: Path) -> None:
 def _imagenet(folder: Path) -> dict[str, str]:
     """The three ILSVRC2012 archives in their real layouts; returns their md5s."""
     folder.mkdir(parents=True, exist_ok=True)
-    inner = {f"{w}.tar": _tar({f"{w}_{k}.JPEG": _jpeg((40 * i, 10 * k, 0)) for k in (1, 2)}, "w")
+    inner = {f"{w}.tar": tar_bytes({f"{w}_{k}.JPEG": _jpeg((40 * i, 10 * k, 0)) for k in (1, 2)}, "w")
              for i, w in enumerate(WNIDS)}
-    (folder / "ILSVRC2012_img_train.tar").write_bytes(_tar(inner, "w"))
-    (folder / "ILSVRC2012_img_val.tar").write_bytes(_tar(
+    (folder / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(inner, "w"))
+    (folder / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(
         {f"ILSVRC2012_val_{n:08d}.JPEG": _jpeg((0, 0, 40 * n)) for n in range(1, 6)}, "w"))
     mat = folder / "meta.mat"
     _meta_mat(mat)
-    (folder / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(_tar({
+    (folder / "ILSVRC2012_devkit_t12.tar.gz").write_bytes(tar_bytes({
         "ILSVRC2012_devkit_t12/data/meta.mat": mat.read_bytes(),
         "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt":
             "".join(f"{i}\n" for i in VAL_IDS).encode(),
         "ILSVRC2012_devkit_t12/COPYING": b"devkit"}))
     mat.unlink()
-    return {key: _md5((folder / name).read_bytes()) for key, name in (
+    return {key: md5((folder / name).read_bytes()) for key, name in (
         ("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),
         ("devkit", "ILSVRC2012_devkit_t12.tar.gz"))}
 
