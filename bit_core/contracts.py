@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bit_core.errors import ContractError, DataError
+from bit_core.serving import RECORD_KEY as ONNX_RECORD_KEY
 
 # --- file names inside the stages' output directories ---------------------------------------------
 
@@ -57,7 +58,6 @@ class _Record(BaseModel):
 # BiT's input scaling: x / 255 * 2 - 1, i.e. Normalize(mean 0.5, std 0.5) after ToTensor.
 INPUT_MEAN = (0.5, 0.5, 0.5)
 INPUT_STD = (0.5, 0.5, 0.5)
-ONNX_RECORD_KEY = "bit.model"  # the ONNX file's metadata_props entry holding the ModelRecord
 
 
 class ModelRecord(_Record):

@@ -179,6 +179,42 @@ def compare_loss(
     raise typer.Exit(0 if result.passed else 1)
 
 
+@app.command("predict")
+def predict(
+    paths: list[Path] = typer.Argument(..., help="image files and folders of images"),
+    model: str = typer.Option("champion", "--model", "-m", help="champion, challenger, a "
+                              "registered version number, or an .onnx / checkpoint .pt file"),
+    top_k: int = typer.Option(5, "--top-k", "-k", help="classes to show per image"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Classify images with the registered model (or a model file); exit 1 if any is unreadable."""
+    from bit_core.config import ConfigError, load_params
+    from bit_core.errors import ContractError
+    from bit_core.serving import ImageError
+    from tasks.predict import open_model
+    from tasks.predict import predict as classify
+
+    try:
+        params = load_params(Path("params.yaml")) if Path("params.yaml").is_file() else None
+        results = classify(open_model(model, params), paths, top_k)
+    except (ConfigError, ContractError, ImageError) as err:
+        _fail(str(err))
+    if as_json:
+        console.print_json(json.dumps([{"path": r.path, "error": r.error,
+                                        "classes": r.prediction and r.prediction.classes,
+                                        "probabilities": r.prediction and r.prediction.probabilities}
+                                       for r in results]))
+    else:
+        table = Table("path", "classes (probability)", "error")
+        for r in results:
+            found = r.prediction and ", ".join(f"{c} ({p:.3f})" for c, p in
+                                               zip(r.prediction.classes, r.prediction.probabilities))
+            table.add_row(r.path, found or "", r.error or "")
+        console.print(table)
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+
+
 @app.command("ui")
 def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""

@@ -17,11 +17,14 @@ so whichever register writes last writes the same answer.
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
+
+from bit_core import serving
 
 from bit_core.config import Params
 from bit_core.contracts import EvaluationMetrics, ExportReport, ModelRecord
@@ -91,10 +94,42 @@ def settle_champion(client, name: str, mine: Candidate, margin: float) -> tuple[
     return (CHAMPION if final and final.version == mine.version else CHALLENGER), None
 
 
-def _log_model(mlflow, onnx_path: Path, resolution: int):
-    example = np.zeros((1, 3, resolution, resolution), np.float32)
-    return mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="model", input_example=example,
-                                 pip_requirements=["onnxruntime"])
+def _example_image() -> str:
+    """A small PNG as base64 text: the input example of the logged model."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 160, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _log_model(mlflow, onnx_path: Path, classes: int):
+    """The self-contained image model (tasks/mlflow_model.py, with the ONNX file and bit_core's
+    serving code inside) logged to the active run."""
+    import onnxruntime
+    import pandas as pd
+    import PIL
+    from mlflow.models import infer_signature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    example = pd.DataFrame({"image": [_example_image()]})
+    signature = infer_signature(example, params={"top_k": min(5, classes)})
+    signature.inputs = Schema([ColSpec(AnyType(), "image")])  # encoded image or tensor
+    requirements = [f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
+                    f"pillow=={PIL.__version__}", f"numpy=={np.__version__}",
+                    f"pandas=={pd.__version__}"]
+    with tempfile.TemporaryDirectory() as code:  # bit_core's serving module, and only it
+        package = Path(code) / "bit_core"
+        package.mkdir()
+        (package / "__init__.py").write_text('"""The serving part of bit_core."""\n')
+        shutil.copyfile(serving.__file__, package / "serving.py")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
+            artifacts={"onnx": str(onnx_path)}, code_paths=[str(package)],
+            signature=signature, input_example=example, pip_requirements=requirements)
 
 
 def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics: Path,
@@ -114,7 +149,8 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient()
-        info = _log_model(mlflow, onnx_path, ModelRecord.of_onnx(onnx_path).resolution)
+        record = ModelRecord.of_onnx(onnx_path)  # a model without its record is refused here
+        info = _log_model(mlflow, onnx_path, len(record.classes))
         before = _holder(client, cfg.model_name)
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             METRIC_TAG: str(value), PARITY_TAG: str(parity), SOURCE_TAG: params.data.source,

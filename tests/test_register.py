@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
+import numpy as np
 import onnx
+import pandas as pd
 import pytest
+from PIL import Image
 from onnx import TensorProto, helper
 
 from bit_core.config import load_params
@@ -34,6 +39,12 @@ def store(tmp_path, monkeypatch, repo_root):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     _tiny_onnx(tmp_path / "model.onnx")
     return tmp_path, load_params(repo_root / "params.yaml")
+
+
+def png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def prepared_data(root, test_images: int):
@@ -83,17 +94,24 @@ def test_champion_moves_only_for_a_better_model(store):
     assert broken["alias"] == CHALLENGER  # parity failed: never champion
 
     import mlflow
-    import numpy as np
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     assert client.get_model_version_by_alias("bit-classifier", CHAMPION).version == 3
     assert client.get_model_version_by_alias("bit-classifier", CHALLENGER).version == 4
-    model = mlflow.onnx.load_model("models:/bit-classifier@champion")
-    assert [o.name for o in model.graph.output] == ["logits"]
+    # The registered model takes images (bytes, or base64 text as JSON carries them) and
+    # tensors, and answers with class names: the tiny model's logits are the channel means.
     pyfunc = mlflow.pyfunc.load_model("models:/bit-classifier@champion")
-    out = pyfunc.predict(np.ones((2, 3, 4, 4), np.float32))
-    assert np.asarray(out["logits"]).shape == (2, 3)
+    tensor = np.stack([np.full((4, 4), v, np.float32) for v in (-1.0, 0.5, -0.5)]).tolist()
+    images = pd.DataFrame({"image": [png((255, 0, 0)), base64.b64encode(png((0, 0, 255))).decode(),
+                                     tensor]})
+    out = pyfunc.predict(images, params={"top_k": 2})
+    assert [row[0] for row in out["classes"]] == ["a", "c", "b"]
+    assert all(len(row) == 2 and row[0] > row[1] for row in out["probabilities"])
+    assert pyfunc.metadata.get_input_schema().input_names() == ["image"]
+    onnx_inside = [a.path for a in client.list_artifacts(
+        client.get_model_version("bit-classifier", "3").run_id, "model/artifacts")]
+    assert onnx_inside == ["model/artifacts/model.onnx"]  # still there for ATC and other runtimes
     written = json.loads((tmp / "better" / "registry.json").read_text())
     assert written["alias"] == CHAMPION
 

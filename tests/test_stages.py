@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -311,3 +312,113 @@ def test_a_stopped_finetune_ends_its_run_killed_and_the_resumed_one_continues_it
     assert run.data.tags["resumed.train.stop_after"] == str(stopped_at + 2)
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert {a.path for a in client.list_artifacts(run_id)} >= {"plots", "checkpoint"}
+
+
+# --- using the model -----------------------------------------------------------------------------
+
+def _bit(*args: str):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_predict_preprocesses_as_the_evaluation_does(pipeline):
+    """bit_core.serving (numpy + Pillow) and the evaluation's torchvision transform agree."""
+    from PIL import Image
+
+    from bit_core.data import eval_transform
+    from bit_core.serving import ImageClassifier
+
+    classifier = ImageClassifier(pipeline[0] / "models/onnx/model.onnx")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 23, 3), np.uint8))
+    ours = classifier.preprocess(image)
+    reference = eval_transform(classifier.resolution)(image).numpy()
+    assert ours.shape == reference.shape == (3, 16, 16)
+    assert np.abs(ours - reference).max() < 1e-5
+
+
+def test_bit_predict_on_files_and_folders(pipeline, tmp_path):
+    work = pipeline[0]
+    images = sorted((work / "data/raw/3").glob("*.png"))[:2]
+    folder = tmp_path / "more"
+    folder.mkdir()
+    for source in sorted((work / "data/raw/7").glob("*.png"))[:2]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    args = [str(p) for p in images] + [str(folder), "--top-k", "3", "--json"]
+    by_onnx = _bit("predict", *args, "--model", str(work / "models/onnx/model.onnx"))
+    by_torch = _bit("predict", *args, "--model", str(work / "models/finetuned/checkpoint.pt"))
+    assert by_onnx.exit_code == by_torch.exit_code == 1  # one unreadable file
+    onnx_rows, torch_rows = json.loads(by_onnx.stdout), json.loads(by_torch.stdout)
+    assert [Path(r["path"]).name for r in onnx_rows] == \
+        [p.name for p in images] + sorted(p.name for p in folder.glob("*.png"))
+    broken = next(r for r in onnx_rows if r["path"].endswith("broken.png"))
+    assert broken["error"] == "not an image" and broken["classes"] is None
+    for a, b in zip(onnx_rows, torch_rows, strict=True):
+        if a["classes"]:
+            assert a["classes"] == b["classes"] and len(a["classes"]) == 3
+            assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-4)
+            assert set(a["classes"]) <= {str(i) for i in range(10)}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "11"], "top-k 11: the model has 10 classes; ask for 1 to 10"),
+    (["--model", "nightly"], "--model nightly: give champion, challenger"),
+    (["--model", "missing.onnx"], "model file missing.onnx does not exist"),
+    (["--model", "challenger"], "no model models:/bit-classifier@challenger"),
+])
+def test_bit_predict_errors_are_one_line(pipeline, args, message):
+    image = next((pipeline[0] / "data/raw/1").glob("*.png"))
+    model = [] if "--model" in args else ["--model", "models/onnx/model.onnx"]
+    result = _bit("predict", str(image), *model, *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_served_champion_answers_as_bit_predict_does(pipeline, monkeypatch):
+    """`mlflow models serve` of the registered champion takes base64 images over HTTP and
+    answers with the class names and probabilities `bit predict` gives for the same files."""
+    import base64
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.conftest import BIN, free_port, stop_group
+
+    work = pipeline[0]
+    monkeypatch.chdir(work)
+    images = [next((work / f"data/raw/{d}").glob("*.png")) for d in (2, 5)]
+    local = json.loads(_bit("predict", *map(str, images), "--top-k", "3", "--json").stdout)
+    port = free_port()
+    with open(work / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [str(BIN / "mlflow"), "models", "serve", "-m", "models:/bit-classifier@champion",
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+            cwd=work, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        body = json.dumps({"dataframe_records": [
+            {"image": base64.b64encode(p.read_bytes()).decode()} for p in images],
+            "params": {"top_k": 3}}).encode()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                                 {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    served = json.load(reply)["predictions"]
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, \
+                    (work / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+    finally:
+        stop_group(server, grace=20)
+    assert server.poll() is not None
+    assert [row["classes"] for row in served] == [row["classes"] for row in local]
+    for row, ours in zip(served, local, strict=True):
+        assert np.allclose(row["probabilities"], ours["probabilities"], atol=1e-6)

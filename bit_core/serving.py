@@ -1,0 +1,123 @@
+"""Classify images with an exported model: decode, preprocess as the evaluation does, run ONNX
+Runtime, answer with class names and probabilities.
+
+Everything the model needs travels inside its ONNX file: the export stage writes the model
+record (classes, input resolution, normalisation) into the file's metadata under RECORD_KEY.
+This module needs nothing but numpy, Pillow and ONNX Runtime, so that a registered model that
+carries it can be served anywhere those are installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+RECORD_KEY = "bit.model"  # the ONNX metadata_props entry holding the model record
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; the message names it and says why."""
+
+
+def decode(data: bytes | str, name: str = "image") -> Image.Image:
+    """An RGB image from encoded bytes (JPEG, PNG, ...) or their base64 text."""
+    if isinstance(data, str):
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError(f"{name}: not base64-encoded image bytes") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"broken ({err})"
+        raise ImageError(f"{name}: {reason}") from None
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image from a file; ImageError naming the file when it is not one."""
+    try:
+        return decode(Path(path).read_bytes(), str(path))
+    except OSError as err:
+        raise ImageError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top classes of one image, most probable first."""
+
+    classes: list[str]
+    probabilities: list[float]
+
+
+class ImageClassifier:
+    """An exported model with its record: images or tensors in, class names out.
+
+    Args:
+        onnx_path: a model written by the export stage (its metadata holds the record).
+        threads: ONNX Runtime intra-op threads (None: its default).
+    """
+
+    def __init__(self, onnx_path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_path), options,
+                                            providers=["CPUExecutionProvider"])
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        if RECORD_KEY not in metadata:
+            raise ImageError(f"{onnx_path} carries no model record: export it with the "
+                             "export_onnx stage")
+        record = json.loads(metadata[RECORD_KEY])
+        self.classes: list[str] = record["classes"]
+        self.resolution: int = record["resolution"]
+        self.mean = np.asarray(record["mean"], np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(record["std"], np.float32).reshape(3, 1, 1)
+        self.input = self.session.get_inputs()[0].name
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """(3, H, W) float32: resized to the model's resolution (bilinear, as torchvision's Resize
+        does for PIL images), scaled to [0, 1], normalised with the record's mean and std."""
+        size = (self.resolution, self.resolution)
+        pixels = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR), np.float32)
+        return (pixels.transpose(2, 0, 1) / 255.0 - self.mean) / self.std
+
+    def probabilities(self, batch: np.ndarray) -> np.ndarray:
+        """Softmax over the classes for a (N, 3, H, W) batch of preprocessed images."""
+        expected = (3, self.resolution, self.resolution)
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+            raise ImageError(f"tensor of shape {list(batch.shape)}: the model takes "
+                             f"[N, {', '.join(map(str, expected))}]")
+        logits = self.session.run(None, {self.input: batch.astype(np.float32)})[0]
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    def check_top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= len(self.classes):
+            raise ImageError(f"top-k {top_k}: the model has {len(self.classes)} classes; ask "
+                             f"for 1 to {len(self.classes)}")
+        return top_k
+
+    def top(self, probabilities: np.ndarray, top_k: int) -> list[Prediction]:
+        """The `top_k` classes of each row of `probabilities`."""
+        order = np.argsort(-probabilities, axis=1, kind="stable")[:, :self.check_top_k(top_k)]
+        return [Prediction([self.classes[i] for i in row], [float(p[i]) for i in row])
+                for row, p in zip(order, probabilities, strict=True)]
+
+    def classify(self, images: list[Image.Image], top_k: int = 5) -> list[Prediction]:
+        """The top classes of each image."""
+        if not images:
+            return []
+        batch = np.stack([self.preprocess(image) for image in images])
+        return self.top(self.probabilities(batch), top_k)
