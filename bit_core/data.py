@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from bit_core.contracts import INPUT_MEAN, INPUT_STD
+from bit_core.record import INPUT_MEAN, INPUT_STD
 from bit_core.splits import Sample
 
 

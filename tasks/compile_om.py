@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from bit_core.config import Params
-from bit_core.contracts import ModelRecord, OMManifest, OMStatus
+from bit_core.contracts import OMManifest, OMStatus
+from bit_core.record import ModelRecord
 from bit_core.om import compile_om
 from tasks.common import log, stage_main
 

@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bit_core.config import Params
-from bit_core.contracts import (CHECKPOINT, OM_MANIFEST, EvaluationMetrics, ModelRecord, OMManifest,
-                                OMStatus, metric_key)
+from bit_core.contracts import (CHECKPOINT, OM_MANIFEST, EvaluationMetrics, OMManifest, OMStatus,
+                                metric_key)
+from bit_core.record import ModelRecord
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,

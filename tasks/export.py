@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from bit_core.config import Params
-from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport, ModelRecord
+from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport
+from bit_core.record import ModelRecord
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.export import check_parity, export_onnx, op_types
 from bit_core.splits import read_split

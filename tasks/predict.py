@@ -34,7 +34,7 @@ class CheckpointClassifier(ImageClassifier):
     def __init__(self, checkpoint: Path):
         import torch
 
-        from bit_core.contracts import ModelRecord
+        from bit_core.record import ModelRecord
         from bit_core.weights import load_trained
 
         self.model, saved = load_trained(checkpoint)

@@ -27,7 +27,8 @@ import numpy as np
 from bit_core import serving
 
 from bit_core.config import Params
-from bit_core.contracts import EvaluationMetrics, ExportReport, ModelRecord
+from bit_core.contracts import EvaluationMetrics, ExportReport
+from bit_core.record import ModelRecord
 from bit_core.errors import ConfigError
 from bit_core.io import atomic_write_json
 from bit_core.splits import fingerprint

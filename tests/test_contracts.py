@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from onnx import TensorProto, helper
 
-from bit_core.contracts import ModelRecord, OMManifest
+from bit_core.contracts import OMManifest
+from bit_core.record import ModelRecord
 from bit_core.errors import ContractError
 from bit_core.export import save_onnx
 

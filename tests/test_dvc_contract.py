@@ -60,6 +60,10 @@ def _imports(path: str) -> set[str]:
             # `from pkg import sub` names a submodule; other names come from the module itself.
             for alias in node.names:
                 found.add(_module_file(f"{node.module}.{alias.name}") or _module_file(node.module))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and node.value.endswith(".py"):  # code shipped as a file, e.g. with a model
+            beside = Path(path).parent / node.value
+            found.add(str(beside) if (REPO / beside).is_file() else None)
     return {path for path in found if path}
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from onnx import TensorProto, helper
 
 from bit_core.config import load_params
-from bit_core.contracts import EvaluationMetrics, ExportReport, ModelRecord
+from bit_core.contracts import EvaluationMetrics, ExportReport
+from bit_core.record import ModelRecord
 from tasks import tracking
 from tasks.register import (CHALLENGER, CHAMPION, Candidate, choose_champion, register,
                             settle_champion)
