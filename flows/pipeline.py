@@ -55,7 +55,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from bit_core.download import basic_auth
 from bit_core.redact import redact, split_credentials
-from flows import dag
+from flows import dag, workspace
 from flows.overrides import apply_overrides
 from tasks import environment
 
@@ -141,14 +141,33 @@ def check_git_checkout(repo: str | Path) -> str:
     return result.stdout.strip()
 
 
+def check_shared_run(repo: str | Path, tracking_uri: str) -> None:
+    """PreflightError unless a shared run can leave its results with the servers: MLflow must
+    be a server (the default store is inside the workspace, which is removed at the end), and
+    the workspace must be the clean clone the pull steps made."""
+    if not tracking_uri.lower().startswith(("http://", "https://")):
+        raise PreflightError(redact(
+            f"a shared run logs to an MLflow server, not to {tracking_uri}, which would go with "
+            "its workspace: set MLFLOW_TRACKING_URI=http://<host>:<port> on the worker (mlflow "
+            "server --artifacts-destination ... serves the artifacts too)"))
+    changed = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                             text=True).stdout.split("\n")[0]
+    if changed:
+        raise PreflightError(
+            f"workspace {repo} is not a fresh clone ({changed.strip()} changed): give each run "
+            "its own workspace (a kept working_dir of an earlier run cannot be reused)")
+
+
 @task(name="preflight")
-def preflight(repo: str, nightly: bool) -> dict:
+def preflight(repo: str, nightly: bool, shared: bool = False) -> dict:
     """Fail in seconds, before any stage, when the tracking server or the checkout is unusable."""
     logger = get_run_logger()
     uri = environment.tracking_uri(repo)
+    if shared:
+        check_shared_run(repo, uri)
     if check_tracking_server(uri):
         logger.info("MLflow tracking server %s is up", redact(uri))
-    head = check_git_checkout(repo) if nightly else None
+    head = check_git_checkout(repo) if nightly or shared else None
     return {"tracking_uri": redact(uri), "commit": head}
 
 
@@ -238,41 +257,45 @@ def stage_status(repo: str, stage: str) -> dict:
     code, output = dvc(repo, "status", "--json", stage, log=False)
     if code != 0:
         raise RuntimeError(f"dvc status {stage} failed: {output[-300:]}")
-    return _json_line(output) or {}
+    return workspace.json_output(output) or {}
 
 
-def _run_stage(stage: str, repo: str, force: bool = False) -> dict:
-    """Run one DVC stage (skipped by DVC when up to date); return whether it ran."""
+def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False) -> dict:
+    """Bring one DVC stage up to date; return whether its command ran or DVC restored its
+    outputs (a run with the same inputs in the run cache, on this host or, when shared, on the
+    DVC remote). A shared run pushes the stage's outputs at once, for the other hosts."""
+    sharing = workspace.Sharing.from_env() if shared else None
     changed = force or bool(stage_status(repo, stage))
-    code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []), stage)
+    restored = False
+    if changed and not force:
+        if sharing:
+            workspace.fetch_run_cache(repo, sharing)
+        restored = workspace.restorable(repo, stage)
+    pull = ["--pull"] if sharing and sharing.remote else []
+    code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []), *pull,
+                       stage)
     if code != 0:
         errors = [line for line in output.splitlines() if "error" in line.lower()]
         raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
-    return {"stage": stage, "ran": changed}
+    if sharing and changed:
+        workspace.push(repo, sharing, stage)
+    return {"stage": stage, "ran": changed and not restored, "restored": restored}
 
 
 @task(name="run-stage", task_run_name="{stage}")
-def run_stage(stage: str, repo: str) -> dict:
-    return _run_stage(stage, repo)
+def run_stage(stage: str, repo: str, shared: bool = False) -> dict:
+    return _run_stage(stage, repo, shared=shared)
 
 
 @task(name="run-io-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10)
-def run_io_stage(stage: str, repo: str, force: bool = False) -> dict:
-    return _run_stage(stage, repo, force)
+def run_io_stage(stage: str, repo: str, force: bool = False, shared: bool = False) -> dict:
+    return _run_stage(stage, repo, force, shared)
 
 
 @task(name="apply-overrides")
 def apply_params(repo: str, overrides: list[str]) -> dict:
     """Write overrides into params.yaml and return the validated parameters."""
     return apply_overrides(Path(repo) / "params.yaml", overrides).model_dump()
-
-
-def _json_line(output: str) -> dict | None:
-    """The JSON object a `dvc ... --json` command printed (warnings may share the output)."""
-    for line in reversed(output.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return None
 
 
 def changing_sources(params: dict) -> list[str]:
@@ -291,31 +314,61 @@ def pipeline_status(repo: str) -> dict:
     code, output = dvc(repo, "status", "--json", log=False)
     if code != 0:
         raise RuntimeError(f"dvc status failed: {output[-300:]}")
-    return _json_line(output) or {}
+    return workspace.json_output(output) or {}
 
 
-def _untracked_results(repo: str) -> list[str]:
-    """Untracked files an experiment should hold: dvc.lock, DVC's .gitignores, uncached outputs."""
-    declared = {"dvc.lock", *dag.outputs(repo, cached=False)}
-    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=repo,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    return [name for name in listed
-            if name in declared or Path(name).name == ".gitignore"
-            or any(name.startswith(f"{path}/") for path in declared)]
+@task(name="prepare-workspace")
+def prepare_workspace(repo: str) -> dict:
+    """A shared run's workspace: the host's DVC cache and the DVC remote configured, the remote
+    checked (and its run cache fetched). Raises WorkspaceError with one line."""
+    logger = get_run_logger()
+    sharing = workspace.Sharing.from_env()
+    workspace.configure(repo, sharing)
+    workspace.check_remote(repo, sharing)
+    logger.info("workspace %s at commit %s; DVC cache %s; DVC remote %s", repo,
+                workspace.head(repo), sharing.cache, sharing.remote_shown)
+    if not sharing.remote:
+        logger.warning("%s is not set: data and models stay in this host's DVC cache",
+                       workspace.REMOTE_ENV)
+    return {"cache": str(sharing.cache), "remote": sharing.remote_shown}
+
+
+@task(name="restore-experiment")
+def restore_experiment(repo: str) -> str | None:
+    """Restore the newest experiment on the git remote made from this commit with these
+    parameters (by any host), so that DVC finds its stages up to date. Returns its name."""
+    name = workspace.matching_experiment(repo)
+    if name:
+        workspace.restore_experiment(repo, name)
+        get_run_logger().info("restored experiment %s: same commit and parameters", name)
+    return name
+
+
+def experiment_name(nightly: bool) -> str:
+    """nightly-<UTC time>-<flow run> or run-<UTC time>-<flow run>: unique across hosts."""
+    from prefect.runtime import flow_run
+
+    when = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    suffix = f"-{str(flow_run.id)[:8]}" if flow_run.id else ""
+    return f"{'nightly' if nightly else 'run'}-{when}{suffix}"
 
 
 @task(name="record-experiment")
-def record_experiment(repo: str, run_id: str | None) -> dict:
-    """`dvc exp save -n nightly-<UTC time>`; tag the MLflow run with the experiment."""
+def record_experiment(repo: str, run_id: str | None, nightly: bool = True,
+                      shared: bool = False) -> dict:
+    """`dvc exp save` (a shared run then pushes its data to the DVC remote and the experiment
+    to the git remote); tag the MLflow run with the experiment."""
     logger = get_run_logger()
-    name = "nightly-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    include = [arg for path in _untracked_results(repo) for arg in ("-I", path)]
-    code, output = dvc(repo, "exp", "save", "--json", "-n", name, "-m",
-                       f"{name}: MLflow run {run_id}", *include, log=False)
-    if code != 0:
-        raise RuntimeError(f"dvc exp save failed: {output[-300:]}")
-    rev = (_json_line(output) or {}).get("ref")
-    logger.info("recorded experiment %s (%s): dvc exp apply %s reproduces it", name, rev, name)
+    name = experiment_name(nightly)
+    rev = workspace.save_experiment(repo, name, f"{name}: MLflow run {run_id}")
+    if shared:
+        workspace.push_experiment(repo, workspace.Sharing.from_env(), name)
+        logger.info("pushed experiment %s (%s) to git remote %s: dvc exp pull %s %s && "
+                    "dvc exp apply %s", name, rev, workspace.GIT_REMOTE, workspace.GIT_REMOTE,
+                    name, name)
+    else:
+        logger.info("recorded experiment %s (%s): dvc exp apply %s reproduces it", name, rev,
+                    name)
     if run_id:
         try:
             from mlflow.tracking import MlflowClient
@@ -361,10 +414,85 @@ def _summary(repo: Path) -> tuple[str, str | None]:
     return text, run_id
 
 
+def _changes(overrides: list[str] | None, device: str, processes: int | None) -> list[str]:
+    """The run's overrides, with the device and process count as params.yaml values."""
+    changes = list(overrides or [])
+    if device != "auto":
+        changes += [f"train.device={device}", f"evaluate.device={device}"]
+    if processes:
+        changes.append(f"train.processes={processes}")
+    return changes
+
+
+def _run_pipeline(repo: str, params: dict, shared: bool) -> list[dict]:
+    """Every stage of dvc.yaml in order, each a task; the fine-tune carries its pool's tag."""
+    train_tag = training_tag(params["train"]["device"])
+    results = []
+    for stage in dag.stages(repo):
+        if stage in IO_STAGES:
+            results.append(run_io_stage(stage, repo, shared=shared))
+        elif stage == TRAIN_STAGE:
+            results.append(run_stage.with_options(tags={train_tag})(stage, repo, shared=shared))
+        else:
+            results.append(run_stage(stage, repo, shared=shared))
+    return results
+
+
+def _up_to_date(repo: str, commit: str | None, restored: str | None, results: list) -> dict:
+    """A nightly run with nothing to do: say so in the log and the bit-nightly artifact."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    message = "up to date: no input, parameter or code changed since the last training"
+    if restored:
+        message += (f"; its results are experiment {restored}, restored from the remotes "
+                    "(trained by an earlier run, on this host or another)")
+    get_run_logger().info(message)
+    create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
+        f"## BiT nightly {when}\n\n{message} (commit `{commit}`); nothing retrained.\n"))
+    return {"stages": results, "up_to_date": True, "experiment": None, "restored": restored,
+            "mlflow_run_id": _summary(Path(repo))[1], "workspace": repo, "commit": commit}
+
+
+def _provenance(experiment: dict | None, restored: str | None, shared: bool) -> str:
+    """Where the results are kept, for the artifacts: the DVC experiment and how to get it."""
+    if experiment and shared:
+        name, origin = experiment["name"], workspace.GIT_REMOTE
+        return (f"DVC experiment `{name}` (`{experiment['rev']}`), pushed to git remote "
+                f"{origin} and the DVC remote: `dvc exp pull {origin} {name}`, "
+                f"`dvc exp apply {name}`.")
+    if experiment:
+        return (f"Recorded as DVC experiment `{experiment['name']}` (`{experiment['rev']}`): "
+                f"`dvc exp show`, `dvc exp apply {experiment['name']}`.")
+    if restored:
+        return (f"Restored DVC experiment `{restored}` (same commit and parameters); no stage "
+                "had to run.")
+    return ""
+
+
+def _publish(repo: str, results: list[dict], commit: str | None, restored: str | None,
+             nightly: bool, shared: bool) -> dict:
+    """Record the run as a DVC experiment when it made something new (a nightly run always,
+    pushed when shared), then publish the bit-evaluation (and bit-nightly) artifacts."""
+    table, run_id = _summary(Path(repo))
+    link = mlflow_link(environment.tracking_uri(repo), run_id)
+    worked = any(r["ran"] or r["restored"] for r in results)
+    experiment = None
+    if nightly or (shared and (worked or not restored)):
+        experiment = record_experiment(repo, run_id, nightly=nightly, shared=shared)
+    where = _provenance(experiment, restored, shared)
+    create_markdown_artifact(key="bit-evaluation", description="top-1/FPS", markdown=(
+        f"## BiT evaluation\n\n{table}\n\n{link}\n\n{where}\n"))
+    if nightly:
+        create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
+            f"## BiT nightly: retrained\n\n{where}\n\n{link}\n"))
+    return {"stages": results, "mlflow_run_id": run_id, "up_to_date": not worked,
+            "experiment": experiment, "restored": restored, "workspace": repo,
+            "commit": commit}
+
+
 @flow(name="bit-finetune", log_prints=True)
 def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
                  processes: int | None = None, repo: str | None = None,
-                 nightly: bool = False) -> dict:
+                 nightly: bool = False, shared: bool = False) -> dict:
     """Fine-tune, export, compile and evaluate BiT through the DVC pipeline.
 
     Args:
@@ -374,54 +502,29 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         repo: the checkout to run in (default: the one this flow was loaded from).
         nightly: refresh changeable inputs, retrain only when DVC sees a change, and record
             the retraining as a DVC experiment (``dvc exp save``); see the module docstring.
+        shared: the run is one of many, on any host, in a workspace of its own (what the
+            deployments of prefect.yaml pass): it uses the host's DVC cache and the DVC remote
+            (``BIT_DVC_CACHE``, ``BIT_DVC_REMOTE``), restores what an earlier run computed, and
+            is pushed as a DVC experiment; see flows/workspace.py.
     """
     environment.apply()
-    logger = get_run_logger()
     repo = str(Path(repo or os.environ.get("BIT_PIPELINE_REPO") or REPO).resolve())
-    checked = preflight(repo, nightly)
-    changes = list(overrides or [])
-    if device != "auto":
-        changes += [f"train.device={device}", f"evaluate.device={device}"]
-    if processes:
-        changes.append(f"train.processes={processes}")
-    params = apply_params(repo, changes)
+    commit = preflight(repo, nightly, shared)["commit"]
+    if shared:
+        prepare_workspace(repo)
+    params = apply_params(repo, _changes(overrides, device, processes))
+    restored = restore_experiment(repo) if shared else None
     results = []
     if nightly:
         for stage in changing_sources(params):
             results.append(run_io_stage.with_options(task_run_name=f"{stage} (refresh)")(
-                stage, repo, force=True))
+                stage, repo, force=True, shared=shared))
         changed = pipeline_status(repo)
         if not changed:
-            when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            message = "up to date: no input, parameter or code changed since the last training"
-            logger.info(message)
-            create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
-                f"## BiT nightly {when}\n\n{message} (commit `{checked['commit']}`); "
-                "nothing retrained.\n"))
-            return {"stages": results, "up_to_date": True, "experiment": None,
-                    "mlflow_run_id": _summary(Path(repo))[1]}
-        logger.info("changed since the last training: %s", ", ".join(changed))
-    train_tag = training_tag(params["train"]["device"])
-    for stage in dag.stages(repo):
-        if stage in IO_STAGES:
-            results.append(run_io_stage(stage, repo))
-        elif stage == TRAIN_STAGE:
-            results.append(run_stage.with_options(tags={train_tag})(stage, repo))
-        else:
-            results.append(run_stage(stage, repo))
-    table, run_id = _summary(Path(repo))
-    link = mlflow_link(environment.tracking_uri(repo), run_id)
-    create_markdown_artifact(key="bit-evaluation", markdown=(
-        f"## BiT evaluation\n\n{table}\n\n{link}\n"), description="top-1/FPS")
-    experiment = None
-    if nightly:
-        experiment = record_experiment(repo, run_id)
-        create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
-            f"## BiT nightly: retrained\n\nRecorded as DVC experiment `{experiment['name']}` "
-            f"(`{experiment['rev']}`): `dvc exp show`, `dvc exp apply {experiment['name']}`."
-            f"\n\n{link}\n"))
-    return {"stages": results, "mlflow_run_id": run_id, "up_to_date": False,
-            "experiment": experiment}
+            return _up_to_date(repo, commit, restored, results)
+        get_run_logger().info("changed since the last training: %s", ", ".join(changed))
+    results += _run_pipeline(repo, params, shared)
+    return _publish(repo, results, commit, restored, nightly, shared)
 
 
 if __name__ == "__main__":

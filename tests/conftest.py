@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,74 @@ def mlflow_server(tmp_path) -> Iterator[str]:
     """A fresh `mlflow server` (SQLite store, proxied artifacts) for one test."""
     with running_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", tmp_path) as uri:
         yield uri
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """An S3-compatible endpoint on 127.0.0.1 that checks credentials, with one bucket."""
+
+    url: str
+    bucket: str
+    access_key: str
+    secret_key: str
+
+    def env(self) -> dict[str, str]:
+        """What a worker sets for DVC's S3 remote (boto reads it)."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def _s3_user(url: str, bucket: str) -> tuple[str, str]:
+    """Create an IAM user allowed everything on S3, its access key, and the bucket: the four
+    requests moto serves before it starts checking credentials."""
+    import json as _json
+
+    import boto3
+
+    boot = dict(endpoint_url=url, region_name="us-east-1", aws_access_key_id="boot",
+                aws_secret_access_key="boot")
+    iam = boto3.client("iam", **boot)
+    iam.create_user(UserName="worker")
+    key = iam.create_access_key(UserName="worker")["AccessKey"]
+    iam.put_user_policy(UserName="worker", PolicyName="s3", PolicyDocument=_json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    boto3.client("s3", **{**boot, "aws_access_key_id": key["AccessKeyId"],
+                          "aws_secret_access_key": key["SecretAccessKey"]}
+                 ).create_bucket(Bucket=bucket)
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
+@contextmanager
+def running_s3_server(workdir: Path) -> Iterator[S3Endpoint]:
+    """moto's S3 server on a free port of 127.0.0.1, checking credentials after set-up; yields
+    the endpoint, then stops its process group."""
+    port = free_port()
+    log_path = workdir / f"s3-server-{port}.log"
+    env = {**environment.tool_env(), "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
+    with log_path.open("w") as log:
+        process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                                   cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise AssertionError(log_path.read_text()[-3000:]) from None
+                    time.sleep(0.5)
+            yield S3Endpoint(url, "bit-dvc", *_s3_user(url, "bit-dvc"))
+        finally:
+            stop_group(process, grace=10)
+    assert process.poll() is not None
+
+
+@pytest.fixture
+def s3_server(tmp_path) -> Iterator[S3Endpoint]:
+    """A fresh S3-compatible endpoint (moto) with a bucket and a user's credentials."""
+    with running_s3_server(tmp_path) as endpoint:
+        yield endpoint

@@ -1,0 +1,296 @@
+"""A run's workspace when runs are spread over hosts, and what it shares with the others.
+
+A deployment's flow run works in its own clone of the project's git repository: the pull steps
+of prefect.yaml make it, in a directory that the worker removes when the run ends. No two runs
+share a ``params.yaml``, a ``dvc.lock``, an output or DVC's lock. What runs share, they share
+through the tools:
+
+- **A DVC cache per host** (``BIT_DVC_CACHE``, default ``~/.cache/bit-pipeline/dvc``). The runs on
+  one host link their data and models to it rather than copying them, and its run cache restores
+  a stage that another run computed with the same inputs instead of running it again.
+- **A DVC remote for all hosts** (``BIT_DVC_REMOTE``: a directory on a shared file system,
+  ``s3://bucket/path``, or any URL DVC supports). A run pushes what it produced there together
+  with the run cache, so that other hosts restore it too.
+- **The git remote the workspace was cloned from.** Each run is saved as a DVC experiment and
+  pushed there (``dvc exp push``) once its data and models are on the DVC remote, so an
+  experiment that can be listed can also be restored (``dvc exp pull`` and ``dvc exp apply``).
+
+Both settings come from the worker's environment and go into the workspace's
+``.dvc/config.local``, which git ignores. Remote credentials stay in the environment
+(``AWS_ACCESS_KEY_ID`` and the like, read by DVC itself) or, when ``BIT_DVC_REMOTE`` carries a
+``user:password@``, in ``.dvc/config.local`` only. Every message names the remote without its
+credentials and quotes tool output through :func:`bit_core.redact.redact`.
+
+Nothing here depends on Prefect: a workspace is a directory holding a git clone, so training that
+spans several hosts can prepare its workspaces the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bit_core.io import atomic_path
+from bit_core.redact import redact, split_credentials
+from flows import dag
+from tasks import environment
+
+REMOTE_ENV = "BIT_DVC_REMOTE"
+CACHE_ENV = "BIT_DVC_CACHE"
+REMOTE = "bit"  # the DVC remote's name in the workspace
+GIT_REMOTE = "origin"  # where the workspace was cloned from
+# Links from the host cache; a copy only where the file system allows no link.
+LINKS = "reflink,hardlink,symlink,copy"
+USERINFO_SCHEMES = {"http", "https", "webdav", "webdavs", "ssh"}  # remotes that take user/password
+BASIC_AUTH_SCHEMES = {"http", "https"}
+REMOTE_FIX = (f"check {REMOTE_ENV} and the remote's credentials in the worker's environment "
+              "(for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an "
+              "S3-compatible store)")
+
+
+class WorkspaceError(RuntimeError):
+    """A workspace cannot be prepared or shared; the message is one line, credentials redacted."""
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What a workspace shares: the host's DVC cache and, when set, the DVC remote's URL."""
+
+    cache: Path
+    remote: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Sharing:
+        """BIT_DVC_CACHE (default: ~/.cache/bit-pipeline/dvc) and BIT_DVC_REMOTE (optional)."""
+        cache = env.get(CACHE_ENV) or str(default_cache(env))
+        return cls(Path(cache).expanduser().resolve(), env.get(REMOTE_ENV) or None)
+
+    @property
+    def remote_shown(self) -> str:
+        """The remote's URL without credentials, for messages; "none" when there is none."""
+        return split_credentials(self.remote)[0] if self.remote else "none"
+
+
+def default_cache(env: Mapping[str, str] = os.environ) -> Path:
+    """The host cache when BIT_DVC_CACHE is unset: bit-pipeline/dvc in the user's cache folder."""
+    base = env.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    return Path(base) / "bit-pipeline" / "dvc"
+
+
+def is_local(url: str) -> bool:
+    """Whether a remote URL is a directory on this host (a path, or file://)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    return scheme in ("", "file") or len(scheme) == 1  # "C:" is a drive, not a scheme
+
+
+def remote_options(url: str) -> dict[str, str]:
+    """The DVC options of the remote at `url`: its URL without credentials, and the credentials
+    it held as ``user``/``password`` (with basic auth for HTTP).
+
+    Raises WorkspaceError for credentials in the URL of a remote that takes them elsewhere.
+    """
+    bare, credentials = split_credentials(url)
+    scheme = urllib.parse.urlsplit(bare).scheme.lower()
+    if is_local(bare):
+        path = urllib.parse.urlsplit(bare).path if scheme == "file" else bare
+        return {"url": str(Path(path).expanduser().resolve())}
+    options = {"url": bare}
+    if credentials is None:
+        return options
+    if scheme not in USERINFO_SCHEMES:
+        raise WorkspaceError(
+            f"{REMOTE_ENV}: a {scheme} remote ({bare}) takes its credentials from the worker's "
+            "environment (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), not from the URL")
+    user, password = credentials
+    options["user"] = user
+    if password is not None:
+        options["password"] = password
+    if scheme in BASIC_AUTH_SCHEMES:
+        options["auth"] = "basic"
+    return options
+
+
+def configure(root: str | Path, sharing: Sharing) -> Path:
+    """Write the host cache and the remote into `root`'s .dvc/config.local (mode 0600: it may
+    hold the remote's password); other settings already there are kept. Returns its path."""
+    from configobj import ConfigObj
+
+    root = Path(root).resolve()
+    path = root / ".dvc" / "config.local"
+    config = ConfigObj(str(path) if path.is_file() else None)
+    config.setdefault("core", {})
+    config["core"]["site_cache_dir"] = str(root / ".dvc" / "tmp" / "site")  # goes with root
+    config["cache"] = {**config.get("cache", {}), "dir": str(sharing.cache), "type": LINKS,
+                       "shared": "group"}
+    section = f'remote "{REMOTE}"'
+    if sharing.remote:
+        config["core"]["remote"] = REMOTE
+        config[section] = remote_options(sharing.remote)
+    elif config["core"].get("remote") == REMOTE:
+        del config["core"]["remote"]
+        config.pop(section, None)
+    sharing.cache.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.chmod(0o600)
+        config.filename = None
+        tmp.write_text("\n".join(config.write()) + "\n")
+    return path
+
+
+def dvc(root: str | Path, *args: str) -> subprocess.CompletedProcess:
+    """`dvc <args>` in `root`, its output captured."""
+    return subprocess.run([environment.tool("dvc"), *args], cwd=root, env=environment.tool_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+
+def _checked(root: str | Path, what: str, fix: str, *args: str) -> str:
+    """`dvc <args>`'s standard output; WorkspaceError "<what> failed (<DVC's error>): <fix>"
+    when it fails."""
+    result = dvc(root, *args)
+    if result.returncode != 0:
+        reason = _last_error(f"{result.stdout}\n{result.stderr}")
+        raise WorkspaceError(redact(f"{what} failed ({reason}): {fix}"))
+    return result.stdout
+
+
+def _last_error(output: str) -> str:
+    """DVC's last error line, to quote in a message (the whole output's tail if none)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def check_remote(root: str | Path, sharing: Sharing) -> None:
+    """Fail in seconds with one line when the DVC remote is unusable; else fetch its run cache.
+
+    A directory remote must exist: DVC would create a missing one, and a shared file system that
+    is not mounted would then silently hold this host's data alone.
+    """
+    if not sharing.remote:
+        return
+    url = remote_options(sharing.remote)["url"]
+    if is_local(url) and not Path(url).is_dir():
+        raise WorkspaceError(
+            f"DVC remote {url} is not a directory on this host: mount the shared file system "
+            f"there or create it (mkdir -p {url}), or set {REMOTE_ENV} to another remote")
+    fetch_run_cache(root, sharing)
+
+
+def fetch_run_cache(root: str | Path, sharing: Sharing) -> None:
+    """Bring the remote's run cache into the host cache: which stage, run with which inputs,
+    produced which outputs (no data: only files under one byte are fetched with it)."""
+    if sharing.remote:
+        _checked(root, f"reading DVC remote {sharing.remote_shown}", REMOTE_FIX,
+                 "fetch", "--run-cache", "--max-size", "1")
+
+
+def push(root: str | Path, sharing: Sharing, *targets: str) -> None:
+    """Push the outputs of `targets` (every stage when none) and the run cache to the remote."""
+    if sharing.remote:
+        _checked(root, f"pushing to DVC remote {sharing.remote_shown}", REMOTE_FIX,
+                 "push", "--run-cache", *targets)
+
+
+def restorable(root: str | Path, stage: str) -> bool:
+    """Whether DVC's run cache holds a run of `stage` with its current inputs, so that
+    ``dvc repro --pull`` restores its outputs instead of running its command.
+
+    DVC answers this only inside ``dvc repro`` (in its log), so its run cache is asked here
+    directly. Stages DVC cannot cache runs of (a ``persist`` output, as the fine-tune's resume
+    folder) and stages whose inputs are not all there yet answer False.
+    """
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash
+
+    try:
+        with Repo(str(root)) as repo:
+            found = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")[0]
+            if not _can_hash(found):
+                return False
+            if not found.changed_stage() and found.deps_cached() and \
+                    all(out.hash_info for out in found.outs):
+                return True  # dvc.lock itself records this run; only its outputs are missing
+            found.save_deps()
+            return repo.stage_cache._load(found) is not None  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - when in doubt, the stage runs
+        return False
+
+
+# --- experiments -------------------------------------------------------------------------------
+
+
+def head(root: str | Path) -> str:
+    """The commit checked out in `root`."""
+    return _git(root, "rev-parse", "HEAD").strip()
+
+
+def _git(root: str | Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise WorkspaceError(redact(f"git {args[0]} in {root} failed: "
+                                    f"{(result.stderr.strip() or 'no output').splitlines()[-1]}"))
+    return result.stdout
+
+
+def matching_experiment(root: str | Path) -> str | None:
+    """The newest experiment on the git remote whose baseline is HEAD and whose parameters are
+    the workspace's, or None. Its refs are fetched (not its data)."""
+    _checked(root, f"fetching experiments from git remote {GIT_REMOTE}",
+             f"check that git remote {GIT_REMOTE} is reachable", "exp", "pull", "--no-cache",
+             GIT_REMOTE)
+    rows = json.loads(_checked(root, "dvc exp show", "see the error", "exp", "show", "--json"))
+    mine = next(row for row in rows if row["rev"] == "workspace")["data"]["params"]
+    found = [(rev["data"].get("timestamp") or "", rev["name"])
+             for row in rows if row["rev"] != "workspace"
+             for experiment in row.get("experiments") or [] for rev in experiment["revs"]
+             if rev.get("name") and (rev.get("data") or {}).get("params") == mine]
+    return max(found)[1] if found else None
+
+
+def restore_experiment(root: str | Path, name: str) -> None:
+    """Bring experiment `name` into the workspace: its parameters, dvc.lock and metrics from git,
+    its data and models from the DVC remote (``dvc exp pull`` then ``dvc exp apply``)."""
+    fix = f"check the DVC remote and git remote {GIT_REMOTE}"
+    _checked(root, f"pulling experiment {name}", fix, "exp", "pull", GIT_REMOTE, name)
+    _checked(root, f"applying experiment {name}", fix, "exp", "apply", name)
+
+
+def _uncommitted_results(root: str | Path) -> list[str]:
+    """Files an experiment holds besides those git tracks: dvc.lock, DVC's .gitignores and the
+    uncached outputs, ignored ones too (the fine-tune's resume folder: its run record), so that
+    ``dvc exp apply`` restores every output DVC cannot."""
+    declared = {"dvc.lock", *dag.outputs(root, cached=False)}
+    listed = _git(root, "ls-files", "--others").splitlines()
+    return [name for name in listed
+            if name in declared or Path(name).name == ".gitignore"
+            or any(name.startswith(f"{path}/") for path in declared)]
+
+
+def save_experiment(root: str | Path, name: str, message: str) -> str:
+    """``dvc exp save -n <name> -m <message>`` with every result included; returns its commit."""
+    include = [arg for path in _uncommitted_results(root) for arg in ("-I", path)]
+    output = _checked(root, f"saving experiment {name}", "see the error", "exp", "save", "--json",
+                      "-n", name, "-m", message, *include)
+    return (json_output(output) or {}).get("ref") or ""
+
+
+def push_experiment(root: str | Path, sharing: Sharing, name: str) -> None:
+    """Data and models to the DVC remote first, then the experiment to the git remote: an
+    experiment that can be listed can always be restored."""
+    push(root, sharing)
+    _checked(root, f"pushing experiment {name} to git remote {GIT_REMOTE}",
+             f"check that git remote {GIT_REMOTE} is reachable and accepts pushes",
+             "exp", "push", "--no-cache", GIT_REMOTE, name)
+
+
+def json_output(output: str) -> dict | None:
+    """The JSON object a `dvc ... --json` command printed (warnings may share the output)."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return None

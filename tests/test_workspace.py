@@ -1,0 +1,247 @@
+"""A run's workspace and what it shares: the host's DVC cache, the DVC remote (a directory or an
+S3-compatible endpoint on 127.0.0.1), and DVC experiments pushed to the git remote.
+
+The experiment tests use a two-stage DVC project made here (seconds per command), not the BiT
+pipeline: what is checked is how workspaces share, not what the stages compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import workspace
+from flows.pipeline import PreflightError, check_shared_run, experiment_name
+from flows.workspace import Sharing, WorkspaceError
+from tests.conftest import BIN, free_port
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def test_sharing_comes_from_the_environment(tmp_path):
+    assert Sharing.from_env({"XDG_CACHE_HOME": str(tmp_path)}) == Sharing(
+        tmp_path / "bit-pipeline" / "dvc", None)
+    env = {workspace.CACHE_ENV: str(tmp_path / "c"), workspace.REMOTE_ENV: "s3://b/p"}
+    assert Sharing.from_env(env) == Sharing(tmp_path / "c", "s3://b/p")
+    shown = Sharing(tmp_path, "https://ci:pa%40ss@dav.example/store").remote_shown
+    assert shown == "https://dav.example/store"
+    assert Sharing(tmp_path).remote_shown == "none"
+
+
+@pytest.mark.parametrize("url, options", [
+    ("s3://bucket/dvc", {"url": "s3://bucket/dvc"}),
+    ("file:///srv/nfs/dvc", {"url": "/srv/nfs/dvc"}),
+    ("/srv/nfs/../nfs/dvc", {"url": "/srv/nfs/dvc"}),
+    ("https://ci:pa%40ss@dav.example/store",
+     {"url": "https://dav.example/store", "user": "ci", "password": "pa@ss", "auth": "basic"}),
+    ("ssh://ci@host/srv/dvc", {"url": "ssh://host/srv/dvc", "user": "ci"}),
+])
+def test_remote_options_keep_credentials_out_of_the_url(url, options):
+    assert workspace.remote_options(url) == options
+
+
+def test_credentials_in_an_s3_url_are_refused_without_being_quoted():
+    with pytest.raises(WorkspaceError) as err:
+        workspace.remote_options("s3://AKIA123:hunter2@bucket/dvc")
+    message = str(err.value)
+    assert "\n" not in message and "hunter2" not in message and "AKIA123" not in message
+    assert "AWS_ACCESS_KEY_ID" in message and workspace.REMOTE_ENV in message
+
+
+# --- the workspace's DVC configuration -------------------------------------------------------------
+
+def _dvc(root: Path, *args: str) -> str:
+    return subprocess.run([str(BIN / "dvc"), *args], cwd=root, capture_output=True, text=True,
+                          check=True, timeout=300).stdout
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=root, capture_output=True, text=True,
+                          check=True).stdout
+
+
+STAGES = {
+    "make": {"cmd": "python -c \"import yaml, json; x = yaml.safe_load(open('params.yaml'))['x'];"
+                    " open('data.txt', 'w').write(str(x) * 1000);"
+                    " json.dump({'x': x}, open('metrics.json', 'w'))\"",
+             "params": ["x"], "outs": ["data.txt"],
+             "metrics": [{"metrics.json": {"cache": False}}]},
+    "use": {"cmd": "python -c \"import os; os.makedirs('keep', exist_ok=True);"
+                   " open('keep/run.json', 'w').write('{}');"
+                   " open('result.txt', 'w').write(open('data.txt').read()[::-1])\"",
+            "deps": ["data.txt"], "outs": ["result.txt", {"keep": {"persist": True,
+                                                                    "cache": False}}]},
+}
+
+
+@pytest.fixture
+def origin(tmp_path) -> Path:
+    """A bare git repository holding a two-stage DVC project (x: 1 in params.yaml)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _git(src, "init", "-q", "-b", "main")
+    _dvc(src, "init", "-q")
+    (src / "dvc.yaml").write_text(yaml.safe_dump({"stages": STAGES}, sort_keys=False))
+    (src / "params.yaml").write_text("x: 1\n")
+    (src / ".gitignore").write_text("keep/\n")
+    _git(src, "add", "-A")
+    _git(src, "commit", "-qm", "baseline")
+    bare = tmp_path / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(src), str(bare)], check=True)
+    return bare
+
+
+def _clone(origin: Path, dest: Path) -> Path:
+    """What the deployments' git_clone step makes: a shallow clone."""
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{origin}", str(dest)],
+                   check=True)
+    return dest
+
+
+def test_configure_writes_the_local_config_only(origin, tmp_path):
+    root = _clone(origin, tmp_path / "ws")
+    (root / ".dvc" / "config.local").write_text("[core]\n    no_scm = false\n")
+    sharing = Sharing(tmp_path / "host-cache", "https://ci:pa%40ss@dav.example/store")
+    path = workspace.configure(root, sharing)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds the remote's password
+    config = dict(line.split("=", 1) for line in _dvc(root, "config", "--list").splitlines())
+    assert config["cache.dir"] == str(tmp_path / "host-cache")
+    assert config["cache.type"] == workspace.LINKS and config["cache.shared"] == "group"
+    assert config["core.remote"] == workspace.REMOTE and config["core.no_scm"] == "false"
+    assert config[f"remote.{workspace.REMOTE}.url"] == "https://dav.example/store"
+    assert config[f"remote.{workspace.REMOTE}.password"] == "pa@ss"
+    assert config["core.site_cache_dir"].startswith(str(root))  # removed with the workspace
+    assert _git(root, "status", "--porcelain") == ""  # nothing git would commit
+    workspace.configure(root, Sharing(tmp_path / "host-cache"))  # no remote any more
+    assert "remote" not in _dvc(root, "config", "--list", "--local")
+
+
+# --- the remote's one-line errors ----------------------------------------------------------------
+
+def _one_line(err: pytest.ExceptionInfo, *absent: str) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for secret in absent:
+        assert secret not in message, message
+    return message
+
+
+def test_a_missing_directory_remote_is_an_error_not_a_new_directory(origin, tmp_path):
+    root = _clone(origin, tmp_path / "ws")
+    sharing = Sharing(tmp_path / "cache", str(tmp_path / "nfs" / "dvc"))
+    workspace.configure(root, sharing)
+    with pytest.raises(WorkspaceError) as err:
+        workspace.check_remote(root, sharing)
+    assert "mkdir -p" in _one_line(err) and str(tmp_path / "nfs" / "dvc") in str(err.value)
+    assert not (tmp_path / "nfs").exists()
+
+
+def test_an_unreachable_s3_remote_fails_in_one_line(origin, tmp_path, monkeypatch):
+    root = _clone(origin, tmp_path / "ws")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    sharing = Sharing(tmp_path / "cache", "s3://bit-dvc/store")
+    workspace.configure(root, sharing)
+    start = time.perf_counter()
+    with pytest.raises(WorkspaceError) as err:
+        workspace.check_remote(root, sharing)
+    message = _one_line(err, "s3cr3t-value")
+    assert "s3://bit-dvc/store" in message and "AWS_ENDPOINT_URL" in message
+    assert time.perf_counter() - start < 60
+
+
+def test_wrong_s3_credentials_fail_in_one_line(origin, tmp_path, monkeypatch, s3_server):
+    root = _clone(origin, tmp_path / "ws")
+    for key, value in {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-s3cr3t"}.items():
+        monkeypatch.setenv(key, value)
+    sharing = Sharing(tmp_path / "cache", f"s3://{s3_server.bucket}/store")
+    workspace.configure(root, sharing)
+    with pytest.raises(WorkspaceError) as err:
+        workspace.check_remote(root, sharing)
+    assert "AWS_SECRET_ACCESS_KEY" in _one_line(err, "wrong-s3cr3t", s3_server.secret_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    workspace.check_remote(root, sharing)  # the right ones work
+
+
+def test_a_remote_password_never_reaches_a_message(origin, tmp_path):
+    root = _clone(origin, tmp_path / "ws")
+    url = f"webdav://ci:pa55word@127.0.0.1:{free_port()}/dvc"  # nothing listens there
+    sharing = Sharing(tmp_path / "cache", url)
+    workspace.configure(root, sharing)
+    _dvc(root, "repro", "make")
+    with pytest.raises(WorkspaceError) as err:
+        workspace.push(root, sharing)  # data to send: DVC has to reach the remote
+    assert "webdav://127.0.0.1" in _one_line(err, "pa55word")
+
+
+# --- two hosts sharing work through the remotes --------------------------------------------------
+
+def _host(origin: Path, tmp_path: Path, name: str, remote: str) -> tuple[Path, Sharing]:
+    """A fresh workspace on host `name`: its own clone and host cache, the shared remote."""
+    root = _clone(origin, tmp_path / name / "ws")
+    sharing = Sharing(tmp_path / name / "cache", remote)
+    workspace.configure(root, sharing)
+    workspace.check_remote(root, sharing)
+    return root, sharing
+
+
+@pytest.mark.slow
+def test_one_host_restores_what_another_computed(origin, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    first, sharing = _host(origin, tmp_path, "a", str(remote))
+    _dvc(first, "repro")
+    name = experiment_name(nightly=False)
+    rev = workspace.save_experiment(first, name, f"{name}: MLflow run r1")
+    saved = _git(first, "show", "--name-only", "--format=", rev).split()
+    assert {"dvc.lock", "metrics.json", "keep/run.json"} <= set(saved)  # ignored, uncached
+    workspace.push_experiment(first, sharing, name)
+
+    second, sharing = _host(origin, tmp_path, "b", str(remote))
+    assert workspace.restorable(second, "make")  # the run cache came from the remote
+    assert not workspace.restorable(second, "use")  # a persist output: never run-cached
+    assert workspace.matching_experiment(second) == name
+    workspace.restore_experiment(second, name)
+    assert json.loads(_dvc(second, "status", "--json")) == {}
+    assert (second / "result.txt").read_text() == "1" * 1000
+    linked = second / "result.txt"  # from the host cache: a link where the file system allows
+    assert linked.is_symlink() or linked.stat().st_nlink > 1 or workspace.LINKS.startswith("reflink")
+
+    third, _ = _host(origin, tmp_path, "c", str(remote))
+    (third / "params.yaml").write_text("x: 2\n")
+    assert workspace.matching_experiment(third) is None  # other parameters
+
+
+def test_experiment_names_are_unique_per_run():
+    name = experiment_name(nightly=True)
+    assert name.startswith("nightly-") and len(name.split("-")) == 3
+    assert experiment_name(nightly=False).startswith("run-")
+
+
+# --- a shared run's preflight --------------------------------------------------------------------
+
+def test_a_shared_run_needs_an_mlflow_server(origin, tmp_path):
+    root = _clone(origin, tmp_path / "ws")
+    with pytest.raises(PreflightError) as err:
+        check_shared_run(root, f"sqlite:///{root}/mlflow.db")
+    assert "MLFLOW_TRACKING_URI=http" in _one_line(err)
+    check_shared_run(root, "http://127.0.0.1:5000")
+
+
+def test_a_shared_run_refuses_a_used_workspace(origin, tmp_path):
+    root = _clone(origin, tmp_path / "ws")
+    (root / "params.yaml").write_text("x: 3\n")
+    with pytest.raises(PreflightError) as err:
+        check_shared_run(root, "http://127.0.0.1:5000")
+    assert "params.yaml" in _one_line(err)
+
