@@ -1,6 +1,6 @@
-"""Archives as they are downloaded: where they are kept, and extraction that refuses anything
-unsafe (absolute paths, ``..``, links, devices) and reports a truncated or corrupt archive in one
-line, leaving nothing half-extracted."""
+"""Archives as they are downloaded: where they are kept, how a local copy or a download is
+verified, and extraction that refuses anything unsafe (absolute paths, ``..``, links, devices)
+and reports a truncated or corrupt archive in one line, leaving nothing half-extracted."""
 
 from __future__ import annotations
 
@@ -8,17 +8,59 @@ import gzip
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-
-from bit_core.errors import DataError
-from bit_core.io import atomic_dir
+from bit_core.download import download
+from bit_core.errors import DataError, DownloadError
+from bit_core.io import atomic_dir, file_digest
 
 DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")  # downloaded archives, kept between runs
 CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOFError,
             zlib.error, gzip.BadGzipFile)
+
+
+def verified_archive(what: str, official_url: str, expected: Mapping[str, str], *,
+                     url: str | None = None, archive: str | Path | None = None,
+                     cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True,
+                     official_bytes: int | None = None) -> Path:
+    """A verified archive: the local copy `archive`, or a cached, resumable download of `url`
+    (a mirror) or `official_url`.
+
+    Args:
+        what: the archive's name in messages, e.g. "cifar10 python archive".
+        official_url: where the official file is; its last part names the cached download.
+        expected: {algorithm: hex digest} the file must have (``md5``, ``sha256``).
+        url: a mirror instead of the official address.
+        archive: a local copy to use instead of downloading.
+        cache_dir: where downloads are kept.
+        progress: show a progress bar while downloading.
+        official_bytes: the official file's size, to tell a truncated local copy.
+
+    Raises:
+        DataError: the local copy is missing or does not match, or the download failed.
+    """
+    filename = official_url.rsplit("/", 1)[-1]
+    if archive is None:
+        try:
+            return download(url or official_url, Path(cache_dir).expanduser() / filename,
+                            progress=progress, what=filename, mirror=bool(url), **expected)
+        except DownloadError as err:
+            raise DataError(f"{err} Or set data.archive to a local copy.") from None
+    path = Path(archive).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.archive {path} does not exist: fix the path or set it to null to "
+                        "download")
+    for algorithm, want in expected.items():
+        got = file_digest(path, algorithm)
+        if got != want.lower():
+            size = path.stat().st_size
+            short = (f" ({size} bytes, the official file has {official_bytes}: truncated?)"
+                     if official_bytes and size < official_bytes else "")
+            raise DataError(f"{path} has {algorithm} {got}, expected {want.lower()}{short}: it is "
+                            f"not the {what}; download {official_url} again")
+    return path
 
 
 def why_corrupt(err: BaseException) -> str:

@@ -20,11 +20,10 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from bit_core.archives import DEFAULT_CACHE, safe_extract
+from bit_core.archives import DEFAULT_CACHE, safe_extract, verified_archive
 from bit_core.contracts import write_split_marker
-from bit_core.download import download
-from bit_core.errors import DataError, DownloadError
-from bit_core.io import atomic_dir, file_digest
+from bit_core.errors import DataError
+from bit_core.io import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,6 @@ class CifarSpec:
     meta: str
     labels_key: str
     names_key: str
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
 
 
 CIFAR: dict[str, CifarSpec] = {
@@ -172,26 +167,12 @@ def cifar_archive(variant: str, *, url: str | None = None, archive: str | Path |
         progress: show a progress bar while downloading.
 
     Raises:
-        DataError: the local copy is missing, or the archive's MD5 does not match.
+        DataError: the local copy is missing, or the archive's MD5 does not match, or the
+            download failed.
     """
     spec = CIFAR[variant]
-    md5 = (md5 or spec.md5).lower()
-    if archive is not None:
-        path = Path(archive).expanduser()
-        if not path.is_file():
-            raise DataError(f"data.archive {path} does not exist: fix the path or set it to null "
-                            "to download")
-        got = file_digest(path, "md5")
-        if got != md5:
-            raise DataError(f"{path} has md5 {got}, expected {md5}: it is not the {variant} "
-                            f"python archive; download {spec.url} again")
-        return path
-    dest = Path(cache_dir).expanduser() / spec.filename
-    try:
-        return download(url or spec.url, dest, md5=md5, progress=progress, what=spec.filename,
-                        mirror=bool(url))
-    except DownloadError as err:
-        raise DataError(f"{err} Or set data.archive to a local copy.") from None
+    return verified_archive(f"{variant} python archive", spec.url, {"md5": md5 or spec.md5},
+                            url=url, archive=archive, cache_dir=cache_dir, progress=progress)
 
 
 def materialize_cifar(variant: str, out: Path, *, url: str | None = None,
