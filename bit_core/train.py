@@ -8,6 +8,7 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import time
@@ -29,6 +30,11 @@ from bit_core.io import atomic_torch_save
 from bit_core.errors import Interrupted
 
 StepCallback = Callable[[dict], None]
+log = logging.getLogger("bit")
+
+# Train settings that change how a run is watched, stopped or executed, not what it computes: a
+# checkpoint written under other values of these still resumes.
+RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile"})
 
 
 def optimizer_kernel(device: torch.device) -> dict:
@@ -248,6 +254,29 @@ class Trainer:
     def _end(self, until: int | None = None) -> int:
         """The step a fit stops at: `until`, else cfg.stop_after, within the schedule."""
         return min(until or self.cfg.stop_after or self.plan.steps, self.plan.steps)
+
+    def resumes(self, checkpoint: dict) -> str | None:
+        """Why `checkpoint` cannot continue this run, or None when it can: it must come from the
+        same recipe (RESUME_NEUTRAL settings aside) and the same checkpoint_meta (model, classes,
+        resolution, data and starting weights)."""
+        recipe = {k: v for k, v in self.cfg.model_dump().items() if k not in RESUME_NEUTRAL}
+        saved = {k: v for k, v in checkpoint.get("config", {}).items() if k not in RESUME_NEUTRAL}
+        changed = sorted({k for k in recipe.keys() | saved.keys() if recipe.get(k) != saved.get(k)})
+        changed += [k for k, v in self.checkpoint_meta.items() if checkpoint.get(k) != v]
+        return f"it was written with other {', '.join(changed)}" if changed else None
+
+    def resume(self, path: Path | None) -> bool:
+        """Continue from an interrupted run's checkpoint at `path` when :meth:`resumes` allows."""
+        if path is None or not Path(path).is_file():
+            return False
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        refusal = self.resumes(checkpoint)
+        if refusal:
+            log.info("not resuming from %s: %s", path, refusal)
+            return False
+        self.load_state_dict(checkpoint)
+        log.info("resuming from step %d of %s", self.state.step, path)
+        return True
 
     def state_dict(self) -> dict:
         """A self-describing checkpoint of the run so far."""

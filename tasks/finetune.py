@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader
 
 from bit_core import create_model, distributed
 from bit_core.config import Params
-from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE
+from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.data import ImageListDataset, eval_transform, train_transform
 from bit_core.device import resolve_device
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.hyperrule import resolve_resolution
 from bit_core.io import atomic_path, atomic_write, atomic_write_json
 from bit_core.plots import plot_loss
-from bit_core.splits import read_classes, read_split
+from bit_core.splits import fingerprint, read_classes, read_split
 from bit_core.train import Trainer
 from tasks import tracking
 from tasks.common import log, read_params, stage_main
@@ -86,27 +86,6 @@ def _describe_resume_dir(resume_dir: Path) -> None:
                         "models/finetuned/.\n")
 
 
-# Train settings that change how a run is watched, stopped or executed, not what it computes:
-# a checkpoint written under other values of these still resumes.
-RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile"})
-
-
-def _maybe_resume(trainer: Trainer, resume_file: Path | None, meta: dict) -> bool:
-    """Continue from an interrupted run's checkpoint when it was made by the same recipe."""
-    if resume_file is None or not resume_file.is_file():
-        return False
-    saved = torch.load(resume_file, map_location="cpu", weights_only=True)
-    recipe = {k: v for k, v in trainer.cfg.model_dump().items() if k not in RESUME_NEUTRAL}
-    same = {k: v for k, v in saved.get("config", {}).items() if k not in RESUME_NEUTRAL} == recipe \
-        and all(saved.get(key) == value for key, value in meta.items())
-    if not same:
-        log.info("ignoring %s: it was written with other parameters", resume_file)
-        return False
-    trainer.load_state_dict(saved)
-    log.info("resuming from step %d of %s", trainer.state.step, resume_file)
-    return True
-
-
 def _datasets(params: Params, data_root: Path, splits: Path):
     """(train set, val set, classes, (precrop, crop)) of the prepared splits."""
     cfg = params.train
@@ -132,6 +111,12 @@ def _plan_params(params: Params, trainer: Trainer, sizes: tuple[int, int], world
             "plan.precision": trainer.precision, "plan.compile": trainer.compiled,
             "plan.device": str(device), "plan.processes": world.size,
             "data.train_images": len(train_set), "data.classes": len(classes)}
+
+
+def _weights_identity(weights_dir: Path) -> str:
+    """The SHA-256 the fetch_weights stage recorded for the starting weights, or "none"."""
+    source = weights_dir / WEIGHTS_SOURCE
+    return json.loads(source.read_text()).get("sha256", "none") if source.is_file() else "none"
 
 
 def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
@@ -162,13 +147,14 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         return {f"val_{k}": v for k, v in topk_accuracy(logits, labels).items()}
 
     meta = {"model_name": params.model.name, "classes": classes, "resolution": sizes[1],
-            "precrop": sizes[0], "num_classes": len(classes)}
+            "precrop": sizes[0], "num_classes": len(classes), "data": fingerprint(splits),
+            "weights": _weights_identity(weights_dir)}
     trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
                       checkpoint_meta=meta, evaluate=evaluate, rank=world.rank, world=world.size)
     resume_file = resume_dir / CHECKPOINT if resume_dir else None
     if resume_dir is not None and world.is_main:
         _describe_resume_dir(resume_dir)
-    resumed = _maybe_resume(trainer, resume_file, meta)
+    resumed = trainer.resume(resume_file)
     try:
         if not world.is_main:
             _fit(trainer, resume_file, out, None)

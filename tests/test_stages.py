@@ -422,3 +422,26 @@ def test_the_served_champion_answers_as_bit_predict_does(pipeline, monkeypatch):
     assert [row["classes"] for row in served] == [row["classes"] for row in local]
     for row, ours in zip(served, local, strict=True):
         assert np.allclose(row["probabilities"], ours["probabilities"], atol=1e-6)
+
+
+def test_a_checkpoint_of_other_data_or_weights_is_not_resumed(pipeline, tmp_path, caplog):
+    """Same recipe, other prepared data (or other starting weights): the run starts afresh."""
+    import logging
+
+    from bit_core.config import load_params
+    from tasks.finetune import finetune
+
+    work = pipeline[0]
+    params = load_params(work / "params.yaml")
+    resume = tmp_path / "resume"
+    resume.mkdir()
+    done = torch.load(work / "models/finetuned/checkpoint.pt", weights_only=True)
+    for key, other in (("data", "0" * 64), ("weights", "f" * 64)):
+        marker = {**done["history"][0], "loss": 123.0}
+        torch.save({**done, "step": 1, "history": [marker], key: other}, resume / "checkpoint.pt")
+        with caplog.at_level(logging.INFO, logger="bit"):
+            finetune(params, work / "data/raw", work / "data/prepared", work / "models/pretrained",
+                     tmp_path / "out", tmp_path / "rep", resume_dir=resume)
+        fresh = torch.load(tmp_path / "out/checkpoint.pt", weights_only=True)
+        assert fresh["history"][0]["loss"] != 123.0 and fresh["step"] == 2
+        assert f"it was written with other {key}" in caplog.text
