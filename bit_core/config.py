@@ -39,7 +39,7 @@ class DataConfig(_Section):
     url: Annotated[str | None, _mirror_url("data.archive")] = None  # mirror of the archive
     archive: str | None = None  # a local copy of the downloadable archive
     md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")  # url/archive MD5 when not the official file
-    folder: str | None = None  # imagefolder: directory of class sub-folders
+    folder: str | None = None  # imagefolder: class sub-folders, or train/ and val/ or test/ of them
     imagenet_dir: str | None = None  # imagenet: directory holding the ILSVRC2012 archives
     seed: int = 0
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)

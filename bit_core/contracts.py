@@ -138,15 +138,25 @@ class OMManifest(_Record):
 # --- split marker --------------------------------------------------------------------------------
 
 SPLIT_FORMAT = 1
+SPLITS = ("train", "val", "test")  # what prepare writes, in this order
 
 
 def write_split_marker(root: Path, source: str, classes: Sequence[str], images: Mapping[str, int],
-                       **extra: Any) -> None:
-    """Write `root`/split.json, which says `root` holds the official train/ and test/ folders."""
+                       *, splits: Mapping[str, str] | None = None, **extra: Any) -> None:
+    """Write `root`/split.json, which says `root` holds given splits, each a folder of class
+    folders: `splits` maps a split (train, and val and/or test) to its folder, by default the
+    official ``train/`` and ``test/``."""
     marker = {"format": SPLIT_FORMAT, "source": source,
-              "splits": {"train": "train", "test": "test"}, "classes": list(classes),
-              "images": dict(images), **extra}
+              "splits": dict(splits or {"train": "train", "test": "test"}),
+              "classes": list(classes), "images": dict(images), **extra}
     (Path(root) / SPLIT_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+
+
+def _valid_splits(splits: Any) -> bool:
+    """Whether a marker's splits name train and only known splits, each a plain folder name."""
+    return (isinstance(splits, dict) and "train" in splits and set(splits) <= set(SPLITS)
+            and all(isinstance(f, str) and f not in ("", ".", "..") and not f.startswith(".")
+                    and "/" not in f and "\\" not in f for f in splits.values()))
 
 
 def read_split_marker(root: Path) -> dict[str, Any] | None:
@@ -158,6 +168,7 @@ def read_split_marker(root: Path) -> dict[str, Any] | None:
         marker = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise DataError(f"{path} is not valid JSON: run the fetch_data stage again") from None
-    if not isinstance(marker, dict) or marker.get("format") != SPLIT_FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") != SPLIT_FORMAT \
+            or not _valid_splits(marker.get("splits")):
         raise DataError(f"{path} has an unknown format: run the fetch_data stage again")
     return marker

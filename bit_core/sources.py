@@ -1,20 +1,23 @@
 """The sources without an archive: the digits that ship inside scikit-learn, and any folder of
-class sub-folders, each written as ``<out>/<class>/<image>``.
+class sub-folders, each written as ``<out>/<class>/<image>``; a folder already split into
+``train/`` and ``val/`` or ``test/`` keeps its splits.
 
 The archive sources have their own modules: :mod:`bit_core.cifar` and :mod:`bit_core.imagenet`
-(both keep their official test set apart, see :func:`bit_core.contracts.read_split_marker`),
-extracted through :mod:`bit_core.archives`.
+(both keep their official test set apart, see :func:`bit_core.contracts.read_split_marker`) and
+:mod:`bit_core.flowers`, extracted through :mod:`bit_core.archives`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from bit_core.contracts import SPLITS, write_split_marker
 from bit_core.errors import DataError
 from bit_core.io import atomic_dir, link_or_copy
 
@@ -35,12 +38,104 @@ def materialize_digits(out: Path) -> int:
     return len(pixels)
 
 
-def _is_image(path: Path) -> bool:
+def is_image(path: Path) -> bool:
+    """Whether a file is an image by its suffix (torchvision's list) and is not hidden."""
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
+
+
+def _images(folder: Path) -> Iterator[Path]:
+    """The images under `folder`, at any depth, in sorted order; hidden folders are skipped."""
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        yield from (Path(parent) / name for name in sorted(files) if is_image(Path(parent) / name))
+
+
+def count_images(folder: Path) -> int:
+    """How many images :func:`materialize_folder` would take from `folder`."""
+    return sum(1 for _ in _images(folder))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def split_folders(folder: Path) -> dict[str, str] | None:
+    """{split: folder name} of a root already split into ``train/`` and ``val/`` and/or ``test/``,
+    each holding class folders; None for a root of class folders.
+
+    The given ``test/`` is the test split, or ``val/`` when there is no ``test/`` (as ImageNet's
+    validation set is); a ``val/`` beside ``test/`` is the validation split. Folders with these
+    names that hold images and no sub-folders are class folders.
+
+    Raises:
+        DataError: split and class folders are mixed, or train/ or a held-out folder is missing.
+    """
+    names = [p.name for p in _subfolders(folder)]
+    given = [name for name in SPLITS if name in names]
+    if not given or (len(given) == len(names)
+                     and not any(_subfolders(folder / name) for name in given)):
+        return None
+    others = [name for name in names if name not in given]
+    if others:
+        raise DataError(f"{folder} mixes split folders ({', '.join(given)}) and class folders "
+                        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): move "
+                        "the class folders into train/ and val/ or test/, or the split folders "
+                        "out")
+    if "train" not in given:
+        raise DataError(f"{folder} has {' and '.join(f'{g}/' for g in given)} but no train/: add "
+                        "train/<class>/ folders")
+    if given == ["train"]:
+        raise DataError(f"{folder} has train/ but no val/ or test/: add one, or set data.folder "
+                        f"to {folder / 'train'} to split it seeded")
+    if "test" not in given:
+        return {"train": "train", "test": "val"}
+    return {split: split for split in given}
+
+
+def _split_classes(folder: Path, splits: dict[str, str]) -> list[str]:
+    """The class names every split folder holds (the same in each), sorted."""
+    classes = {split: [p.name for p in _subfolders(folder / name)] for split, name in
+               splits.items()}
+    for split, found in classes.items():
+        if not found:
+            raise DataError(f"split folder {folder / splits[split]} has no class folders of "
+                            f"images: put its images in {folder / splits[split]}/<class>/")
+    train = set(classes["train"])
+    for split, found in classes.items():
+        for lacking, having, missing in ((split, "train", train - set(found)),
+                                         ("train", split, set(found) - train)):
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                name = min(missing)
+                raise DataError(f"class {name!r}{more} is in {folder / splits[having]} but not "
+                                f"in {folder / splits[lacking]}: every split needs the same class "
+                                f"folders; add {splits[lacking]}/{name}/ or remove it from the "
+                                "other splits")
+    return sorted(train)
+
+
+def _link_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> int:
+    """Link the images of `folder`/<class> for each class to the same place under `tmp`."""
+    count = 0
+    for name in classes:
+        found = 0
+        for path in _images(folder / name):
+            dest = tmp / path.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(path, dest)
+            found += 1
+        if not found:
+            raise DataError(f"class folder {folder / name} has no images: add some or remove it")
+        count += found
+    return count
 
 
 def materialize_folder(folder: str | Path, out: Path) -> int:
     """Snapshot a folder of class sub-folders as `out`/<class>/<image> (replaced).
+
+    A root already split (see :func:`split_folders`), such as ``ImageNet2012/train/<class>/`` and
+    ``ImageNet2012/val/<class>/``, keeps its split folders, and a split marker (see
+    :func:`bit_core.contracts.read_split_marker`) says which is the test split.
 
     Files are hard-linked when `out` is on the same file system, else copied; files that are not
     images by their suffix, hidden files and hidden folders are skipped. Whether each image
@@ -56,25 +151,16 @@ def materialize_folder(folder: str | Path, out: Path) -> int:
     if source == target or target in source.parents or source in target.parents:
         raise DataError(f"data.folder {folder} overlaps the output {out}: keep the images "
                         "elsewhere")
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    count = 0
+    splits = split_folders(folder)
     with atomic_dir(out) as tmp:
-        for class_dir in classes:
-            found = 0
-            for parent, dirs, files in os.walk(class_dir, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    path = Path(parent) / name
-                    if not _is_image(path):
-                        continue
-                    dest = tmp / path.relative_to(folder)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(path, dest)
-                    found += 1
-            if not found:
-                raise DataError(f"class folder {class_dir} has no images: add some or remove it")
-            count += found
-        if not count:
-            raise DataError(f"{folder} has no class sub-folders of images: put each class's "
-                            "images in a sub-folder named after it")
-    return count
+        if splits is None:
+            count = _link_classes(folder, [p.name for p in _subfolders(folder)], folder, tmp)
+            if not count:
+                raise DataError(f"{folder} has no class sub-folders of images: put each class's "
+                                "images in a sub-folder named after it")
+            return count
+        classes = _split_classes(folder, splits)
+        images = {split: _link_classes(folder / name, classes, folder, tmp)
+                  for split, name in splits.items()}
+        write_split_marker(tmp, "imagefolder", classes, images, splits=splits)
+    return sum(images.values())

@@ -1,8 +1,10 @@
 """Splits of a data root: scan class folders, split seeded and stratified, write and read the
 CSV index files (``path,label``, paths relative to the root) that every later stage reads.
 
-Every source ends up in one on-disk layout, ``<root>/<class>/<image>``, so one scanner and one
-index format serve the embedded digits, CIFAR, ImageNet and any user folder.
+Every source ends up in one on-disk layout, ``<root>/<class>/<image>``, or, when the source gives
+its own splits, ``<root>/<split folder>/<class>/<image>`` with a split marker (see
+:func:`bit_core.contracts.read_split_marker`), so one scanner and one index format serve the
+embedded digits, CIFAR, ImageNet, tf_flowers and any user folder.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from bit_core.contracts import SPLITS, read_split_marker
 from bit_core.errors import DataError
 from bit_core.io import file_digest
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,67 @@ def find_unreadable(root: Path, samples: Sequence[Sample]) -> list[str]:
     return bad
 
 
+@dataclass(frozen=True)
+class DataRoot:
+    """The images of a fetched data root: those to split, those in the splits its source gives
+    (the official test set; a given validation set), and the class names in index order."""
+
+    pool: list[Sample]
+    given: dict[str, list[Sample]]
+    classes: list[str]
+
+    def samples(self) -> list[Sample]:
+        """Every image: the pool, then each given split."""
+        return self.pool + [s for split in self.given.values() for s in split]
+
+    def without(self, paths: set[str]) -> DataRoot:
+        """The same root with the images at `paths` left out."""
+        return DataRoot([s for s in self.pool if s.path not in paths],
+                        {k: [s for s in v if s.path not in paths] for k, v in self.given.items()},
+                        self.classes)
+
+
+def _scan_split(root: Path, folder: str) -> tuple[list[Sample], list[str]]:
+    samples, classes = scan_folder(root / folder)
+    return [Sample(f"{folder}/{s.path}", s.label) for s in samples], classes
+
+
+def scan_root(root: Path) -> DataRoot:
+    """The images of a data root: all of them to split, or, under a split marker, train's to
+    split and the given splits kept, labelled by train's classes (the same in every split)."""
+    marker = read_split_marker(root)
+    if marker is None:
+        samples, classes = scan_folder(root)
+        return DataRoot(samples, {}, classes)
+    folders = marker["splits"]
+    pool, classes = _scan_split(root, folders["train"])
+    index = {name: i for i, name in enumerate(classes)}
+    given = {}
+    for split, folder in folders.items():
+        if split == "train":
+            continue
+        found, names = _scan_split(root, folder)
+        differ = sorted(set(names) ^ set(classes))
+        if differ:
+            where = (folder, folders["train"]) if differ[0] in names else (folders["train"], folder)
+            raise DataError(f"class {differ[0]!r} is in {root / where[0]} but not in "
+                            f"{root / where[1]}: every split needs the same classes; fix the "
+                            "source and run the fetch_data stage again")
+        given[split] = [Sample(s.path, index[names[s.label]]) for s in found]
+    return DataRoot(pool, given, classes)
+
+
+def split_root(data: DataRoot, val_fraction: float, test_fraction: float, seed: int
+               ) -> dict[str, list[Sample]]:
+    """train/val/test: the splits the source gives are kept, the others drawn from the pool,
+    seeded and stratified (:func:`stratified_split`)."""
+    parts = stratified_split([s.label for s in data.pool],
+                             0.0 if "val" in data.given else val_fraction,
+                             0.0 if "test" in data.given else test_fraction, seed)
+    return {name: data.given[name] if name in data.given else [data.pool[i] for i in parts[name]]
+            for name in SPLITS}
+
+
 def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: float,
                      seed: int) -> dict[str, np.ndarray]:
     """Seeded per-class split into train/val/test index arrays (each class in every split it can)."""
@@ -87,6 +149,12 @@ def few_shot(indices: np.ndarray, labels: Sequence[int], shots: int, seed: int) 
                             f"shots={shots}: lower data.shots")
         chosen.append(rng.choice(members, size=shots, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def few_shot_samples(train: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+    """:func:`few_shot` of a list of samples: k of each class, the same on every machine."""
+    chosen = few_shot(np.arange(len(train)), [s.label for s in train], shots, seed)
+    return [train[i] for i in chosen]
 
 
 def write_split(path: Path, samples: Sequence[Sample]) -> None:

@@ -9,28 +9,11 @@ from pathlib import Path
 from PIL import Image
 
 from bit_core.config import DataConfig, Params
-from bit_core.contracts import read_split_marker
 from bit_core.errors import DataError
 from bit_core.io import atomic_dir, atomic_write_json
-from bit_core.splits import (SPLITS, Sample, few_shot, find_unreadable, scan_folder,
-                             stratified_split, write_split)
+from bit_core.splits import (SPLITS, Sample, few_shot_samples, find_unreadable, scan_root,
+                             split_root, write_split)
 from tasks.common import log, stage_main
-
-
-def _scan(raw: Path) -> tuple[list[Sample], list[Sample] | None, list[str]]:
-    """(samples to split, official test samples or None, classes) of a fetched data root."""
-    if read_split_marker(raw) is None:
-        samples, classes = scan_folder(raw)
-        return samples, None, classes
-    train, classes = scan_folder(raw / "train")
-    test, test_classes = scan_folder(raw / "test")
-    index = {name: i for i, name in enumerate(classes)}
-    unknown = sorted(set(test_classes) - set(index))
-    if unknown:
-        raise DataError(f"{raw / 'test'} has classes missing from train: {unknown[:5]}")
-    train = [Sample(f"train/{s.path}", s.label) for s in train]
-    test = [Sample(f"test/{s.path}", index[test_classes[s.label]]) for s in test]
-    return train, test, classes
 
 
 def _check_readable(raw: Path, samples: list[Sample]) -> None:
@@ -44,30 +27,26 @@ def _check_readable(raw: Path, samples: list[Sample]) -> None:
 def prepare(cfg: DataConfig, raw: Path, out: Path) -> dict:
     """Split the images under `raw` into `out/{train,val,test}.csv` plus `out/classes.json`.
 
-    A source with an official test set keeps it (val then comes from train); otherwise a
-    seeded stratified split makes all three. Returns the statistics in `out/stats.json`.
+    The splits a source gives (CIFAR's and ImageNet's official test sets, a folder's own val/ or
+    test/) are kept and the others drawn from the rest, seeded and stratified. Returns the
+    statistics in `out/stats.json`.
     """
-    samples, official_test, classes = _scan(raw)
-    if not samples:
+    data = scan_root(raw)
+    if not data.pool:
         raise DataError(f"no images found under {raw}: check the fetch_data stage")
-    _check_readable(raw, samples + (official_test or []))
-    labels = [s.label for s in samples]
-    test_fraction = 0.0 if official_test is not None else cfg.test_fraction
-    parts = stratified_split(labels, cfg.val_fraction, test_fraction, cfg.seed)
+    _check_readable(raw, data.samples())
+    splits = split_root(data, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if cfg.shots:
-        parts["train"] = few_shot(parts["train"], labels, cfg.shots, cfg.seed)
-    chosen = {name: [samples[i] for i in parts[name]] for name in SPLITS}
-    if official_test is not None:
-        chosen["test"] = official_test
-    with Image.open(raw / samples[0].path) as first:
+        splits["train"] = few_shot_samples(splits["train"], cfg.shots, cfg.seed)
+    with Image.open(raw / data.pool[0].path) as first:
         width, height = first.size
-    stats = {"classes": len(classes), "image_height": height, "image_width": width,
-             "official_test": official_test is not None,
-             **{f"{name}_images": len(chosen[name]) for name in SPLITS}}
+    stats = {"classes": len(data.classes), "image_height": height, "image_width": width,
+             "official_test": "test" in data.given,
+             **{f"{name}_images": len(splits[name]) for name in SPLITS}}
     with atomic_dir(out) as tmp:
         for name in SPLITS:
-            write_split(tmp / f"{name}.csv", chosen[name])
-        (tmp / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+            write_split(tmp / f"{name}.csv", splits[name])
+        (tmp / "classes.json").write_text(json.dumps(data.classes, indent=1) + "\n")
         atomic_write_json(tmp / "stats.json", stats)
     return stats
 

@@ -1,4 +1,5 @@
-"""The prepare stage: stratified splits, official test sets, few-shot, unreadable images."""
+"""The prepare stage: stratified splits, given test and validation sets, few-shot, unreadable
+images."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from tasks.prepare import prepare
 
 
 def _images(root, classes, per_class, size=(6, 5)):
-    for name in classes:
+    """`per_class` PNGs of `size` in each class folder, no two alike."""
+    for c, name in enumerate(classes):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.new("RGB", size, (i * 20 % 255, 0, 0)).save(root / name / f"{i}.png")
+            Image.new("RGB", size, (i * 20 % 255, c * 40 % 255, 0)).save(root / name / f"{i}.png")
 
 
 def test_official_test_split_is_kept(tmp_path):
@@ -59,3 +61,24 @@ def test_few_shot_too_many_shots():
     labels = np.repeat(np.arange(2), 3)
     with pytest.raises(DataError, match="fewer than shots=5"):
         few_shot(np.arange(6), labels, 5, seed=0)
+
+
+def test_a_given_validation_split_is_kept_too(tmp_path):
+    raw = tmp_path / "raw"
+    for split, n in (("train", 6), ("val", 2), ("test", 3)):
+        _images(raw / split, ["cat", "dog"], n)
+    write_split_marker(raw, "imagefolder", ["cat", "dog"], {"train": 12, "val": 4, "test": 6},
+                       splits={"train": "train", "val": "val", "test": "test"})
+    stats = prepare(DataConfig(val_fraction=0.5), raw, tmp_path / "out")
+    assert (stats["train_images"], stats["val_images"], stats["test_images"]) == (12, 4, 6)
+    assert {s.path.split("/")[0] for s in read_split(tmp_path / "out/val.csv")} == {"val"}
+
+
+def test_a_class_missing_from_a_given_split_is_named(tmp_path):
+    raw = tmp_path / "raw"
+    _images(raw / "train", ["cat", "dog"], 2)
+    _images(raw / "val", ["cat"], 2)
+    write_split_marker(raw, "imagefolder", ["cat", "dog"], {"train": 4, "test": 2},
+                       splits={"train": "train", "test": "val"})
+    with pytest.raises(DataError, match=r"class 'dog' is in .*raw/train but not in .*raw/val: "):
+        prepare(DataConfig(), raw, tmp_path / "out")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -347,3 +348,90 @@ def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="overlaps the output"):
         fetch(DataConfig(source="imagefolder", folder=str(out)), out)
     assert (out / "cat" / "a.png").is_file()
+
+
+# --- image folders already split -------------------------------------------------------------------
+
+def _tree(root: Path, paths: list[str]) -> Path:
+    """A small PNG of its own colour at each path; a path ending in / is an empty folder."""
+    for index, name in enumerate(paths):
+        if name.endswith("/"):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            continue
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (5, 4), (index * 10 % 256, 0, 0)).save(root / name)
+    return root
+
+
+def test_a_folder_split_into_train_and_val_keeps_val_as_the_test_split(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "ImageNet2012", ["train/n01/a.png", "train/n01/b.png",
+                                            "train/n02/c.png", "val/n01/d.png", "val/n02/e.png"])
+    (src / "train" / "n02" / "notes.txt").write_text("not an image")
+    out = tmp_path / "data" / "raw"
+
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 5
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["split.json", "train/n01/a.png", "train/n01/b.png", "train/n02/c.png",
+                     "val/n01/d.png", "val/n02/e.png"]
+    assert (out / "val/n01/d.png").stat().st_ino == (src / "val/n01/d.png").stat().st_ino
+    marker = read_split_marker(out)
+    assert marker["splits"] == {"train": "train", "test": "val"}
+    assert marker["classes"] == ["n01", "n02"] and marker["images"] == {"train": 3, "test": 2}
+    _no_leftovers(out.parent)
+
+
+def test_a_folder_with_val_and_test_gives_both(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "photos", [f"{split}/{c}/{i}.png" for split in ("train", "val", "test")
+                                      for c in ("cat", "dog") for i in range(2)])
+    out = tmp_path / "raw"
+
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 12
+    assert read_split_marker(out)["splits"] == {"train": "train", "val": "val", "test": "test"}
+
+
+def test_class_folders_named_like_splits_stay_classes(tmp_path: Path) -> None:
+    src = _tree(tmp_path / "photos", ["train/a.png", "test/b.png"])
+    out = tmp_path / "raw"
+
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 2
+    assert read_split_marker(out) is None
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+
+
+SPLIT = ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png", "val/dog/d.png"]
+
+
+@pytest.mark.parametrize("paths,message", [
+    (SPLIT + ["bird/e.png"],
+     r"photos mixes split folders \(train, val\) and class folders \(bird\): move the class "
+     r"folders into train/ and val/ or test/, or the split folders out$"),
+    (SPLIT + ["train/owl/e.png"],
+     r"class 'owl' is in .*photos/train but not in .*photos/val: every split needs the same "
+     r"class folders; add val/owl/ or remove it from the other splits$"),
+    (SPLIT + ["val/owl/e.png", "val/emu/f.png"],
+     r"class 'emu' \(and 1 more\) is in .*photos/val but not in .*photos/train: "),
+    (SPLIT[:3] + ["val/dog/"],
+     r"class folder .*photos/val/dog has no images: add some or remove it$"),
+    (SPLIT[:2] + ["val/flat.png"],
+     r"split folder .*photos/val has no class folders of images: put its images in "
+     r".*photos/val/<class>/$"),
+    (SPLIT[2:] + ["test/cat/e.png", "test/dog/f.png"],
+     r"photos has val/ and test/ but no train/: add train/<class>/ folders$"),
+    (SPLIT[:2],
+     r"photos has train/ but no val/ or test/: add one, or set data.folder to .*photos/train to "
+     r"split it seeded$"),
+])
+def test_a_badly_split_folder_is_refused_in_one_line_and_nothing_is_written(
+        tmp_path: Path, paths: list[str], message: str) -> None:
+    src = _tree(tmp_path / "photos", paths)
+    out = tmp_path / "data" / "raw"
+    out.mkdir(parents=True)
+    (out / "kept.txt").write_text("earlier output")
+
+    with pytest.raises(DataError, match=message) as err:
+        fetch(DataConfig(source="imagefolder", folder=str(src)), out)
+
+    assert "\n" not in str(err.value)
+    assert [p.name for p in out.iterdir()] == ["kept.txt"]
+    _no_leftovers(out.parent)
