@@ -35,7 +35,7 @@ def _mirror_url(local_key: str) -> AfterValidator:
 class DataConfig(_Section):
     """Where images come from and how they are split."""
 
-    source: Literal["digits", "cifar10", "cifar100", "imagefolder", "imagenet"] = "digits"
+    source: Literal["digits", "cifar10", "cifar100", "flowers", "imagefolder", "imagenet"] = "digits"
     url: Annotated[str | None, _mirror_url("data.archive")] = None  # mirror of the archive
     archive: str | None = None  # a local copy of the downloadable archive
     md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")  # url/archive MD5 when not the official file

@@ -10,6 +10,7 @@ from bit_core.config import DataConfig, Params
 from bit_core.errors import DataError
 from bit_core.io import atomic_dir
 from bit_core.cifar import CIFAR, materialize_cifar
+from bit_core.flowers import materialize_flowers
 from bit_core.imagenet import materialize_imagenet
 from bit_core.sources import materialize_digits, materialize_folder
 from tasks.common import log, stage_main
@@ -20,7 +21,8 @@ def fetch(cfg: DataConfig, out: Path, *, cache_dir: Path = DEFAULT_CACHE,
     """Write the configured source's images under `out`; return how many (all or none).
 
     Sources with an official test set (CIFAR, ImageNet) are written as `out/train/<class>/...`,
-    `out/test/<class>/...` and `out/split.json`; the others as `out/<class>/<image>`.
+    `out/test/<class>/...` and `out/split.json`, an image folder already split as its own split
+    folders and `out/split.json`; the others as `out/<class>/<image>`.
 
     Args:
         cfg: the data section of params.yaml.
@@ -34,12 +36,15 @@ def fetch(cfg: DataConfig, out: Path, *, cache_dir: Path = DEFAULT_CACHE,
     if cfg.source in CIFAR:
         return materialize_cifar(cfg.source, out, url=cfg.url, archive=cfg.archive, md5=cfg.md5,
                                  cache_dir=cache_dir, progress=progress)
+    if cfg.source == "flowers":
+        return materialize_flowers(out, url=cfg.url, archive=cfg.archive, md5=cfg.md5,
+                                   cache_dir=cache_dir, progress=progress)
     if cfg.source == "imagefolder":
         return materialize_folder(cfg.folder, out)
     if cfg.source == "imagenet":
         return materialize_imagenet(cfg.imagenet_dir, out)
     raise DataError(f"data.source {cfg.source!r} is unknown: use digits, cifar10, cifar100, "
-                    "imagefolder or imagenet")
+                    "flowers, imagefolder or imagenet")
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

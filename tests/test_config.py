@@ -109,7 +109,7 @@ def test_presets_apply_and_validate(params_file, name):
     from flows.overrides import preset_overrides
 
     params = apply_overrides(params_file, preset_overrides(name))
-    assert params.data.source in ("cifar10", "cifar100", "imagenet", "imagefolder")
+    assert params.data.source in ("cifar10", "cifar100", "imagenet", "flowers")
     assert params.weights.source == "official" and params.train.schedule is None
     assert "# The only configuration of the pipeline." in params_file.read_text()
 

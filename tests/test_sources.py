@@ -435,3 +435,76 @@ def test_a_badly_split_folder_is_refused_in_one_line_and_nothing_is_written(
     assert "\n" not in str(err.value)
     assert [p.name for p in out.iterdir()] == ["kept.txt"]
     _no_leftovers(out.parent)
+
+
+# --- tf_flowers ------------------------------------------------------------------------------------
+
+FLOWER_CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def _flower_photos(per_class: int = 2) -> bytes:
+    """flower_photos.tgz in the official layout: flower_photos/<class>/<id>_<secret>_n.jpg and
+    flower_photos/LICENSE.txt, with folder entries, gzip-compressed."""
+    members = {f"flower_photos/{name}/{1000 + 10 * c + i}_5f2e8ee07{c}_n.jpg":
+               _jpeg((50 * c, 20 * i, 100)) for c, name in enumerate(FLOWER_CLASSES)
+               for i in range(per_class)}
+    members["flower_photos/LICENSE.txt"] = b"All images in this archive are licensed under the " \
+                                           b"Creative Commons By-Attribution License...\n"
+    return tar_bytes(members)
+
+
+def test_flowers_download_resumes_and_leaves_out_the_licence(http_server: ArchiveServer,
+                                                             tmp_path: Path) -> None:
+    archive = _flower_photos()
+    drop = len(archive) // 2
+    url = http_server.add("/mirror/flower_photos.tgz", archive, drop_after=drop)
+    out, cache = tmp_path / "data" / "raw", tmp_path / "cache"
+    cfg = DataConfig(source="flowers", url=url, md5=md5(archive))
+
+    assert fetch(cfg, out, cache_dir=cache, progress=False) == 10
+
+    assert http_server.ranges("/mirror/flower_photos.tgz") == [None, f"bytes={drop}-"]
+    assert (cache / "flower_photos.tgz").read_bytes() == archive
+    assert sorted(p.name for p in out.iterdir()) == FLOWER_CLASSES
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert len(files) == 10 and all(f.endswith("_n.jpg") for f in files)  # no LICENSE.txt
+    assert read_split_marker(out) is None  # no official split: prepare draws all three
+    _no_leftovers(out.parent)
+
+
+def test_flowers_must_match_the_published_sha256_unless_given_an_md5(http_server: ArchiveServer,
+                                                                     tmp_path: Path) -> None:
+    archive = _flower_photos(1)
+    url = http_server.add("/flower_photos.tgz", archive)
+    out, cache = tmp_path / "raw", tmp_path / "cache"
+
+    with pytest.raises(DataError, match=r"sha256 mismatch for .*flower_photos.tgz: expected "
+                                        r"4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e"):
+        fetch(DataConfig(source="flowers", url=url), out, cache_dir=cache, progress=False)
+    with pytest.raises(DataError, match=r"md5 mismatch .*expected 0{32}"):
+        fetch(DataConfig(source="flowers", url=url, md5="0" * 32), out, cache_dir=cache,
+              progress=False)
+    assert not out.exists() and list(cache.iterdir()) == []
+
+    local = tmp_path / "flower_photos.tgz"
+    local.write_bytes(archive)
+    with pytest.raises(DataError, match=rf"^{local} has sha256 [0-9a-f]{{64}}, expected 4c54ace7.* "
+                       rf"\({len(archive)} bytes, the official file has 228813984: truncated\?\): "
+                       r"it is not the official flower_photos.tgz; download "
+                       r"http://download.tensorflow.org/example_images/flower_photos.tgz again$"):
+        fetch(DataConfig(source="flowers", archive=str(local)), out)
+    assert not out.exists()
+    _no_leftovers(tmp_path)
+
+
+def test_a_truncated_flowers_archive_is_refused_without_output(tmp_path: Path) -> None:
+    archive = _flower_photos(3)
+    local = tmp_path / "flower_photos.tgz"
+    local.write_bytes(archive[: len(archive) * 2 // 3])  # its md5 given: extraction finds the cut
+    out = tmp_path / "raw"
+
+    with pytest.raises(DataError, match=rf"{local} is truncated or corrupt .*download it again$"):
+        fetch(DataConfig(source="flowers", archive=str(local), md5=md5(local.read_bytes())), out)
+
+    assert not out.exists()
+    _no_leftovers(tmp_path)
