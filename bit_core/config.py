@@ -45,6 +45,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     shots: int | None = Field(None, ge=1)  # few-shot: examples per class in train
+    dedupe: bool = False  # leave out of train the images whose exact content is held out
+    unreadable: Literal["refuse", "skip"] = "refuse"  # images PIL cannot open: stop, or leave out
 
     @model_validator(mode="after")
     def _location_for_source(self) -> DataConfig:

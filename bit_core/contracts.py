@@ -26,6 +26,7 @@ WEIGHTS_SOURCE = "source.json"  # models/pretrained
 ONNX_FILE = "model.onnx"  # models/onnx
 OM_MANIFEST = "manifest.json"  # models/om
 SPLIT_MARKER = "split.json"  # data/raw of a source with official train/ and test/ folders
+DATA_METRICS = "metrics.json"  # reports/data: the prepare stage's data report numbers
 MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
 
 
@@ -172,3 +173,35 @@ def read_split_marker(root: Path) -> dict[str, Any] | None:
             or not _valid_splits(marker.get("splits")):
         raise DataError(f"{path} has an unknown format: run the fetch_data stage again")
     return marker
+
+
+# --- prepare -> finetune (the data report reaches the MLflow run) ---------------------------------
+
+
+class DataMetrics(_Record):
+    """The numbers of the prepare stage's data report (a flat DVC metrics file, ``DATA_METRICS``
+    in its report folder): images per split, sizes, unreadable files and exact duplicates."""
+
+    classes: int
+    images_train: int
+    images_val: int
+    images_test: int
+    images_per_class_min: int  # over all splits
+    images_per_class_max: int
+    bytes: int  # of the readable images; sizes below are theirs too
+    width_min: int
+    width_median: int
+    width_max: int
+    height_min: int
+    height_median: int
+    height_max: int
+    unreadable: int  # left out (data.unreadable: skip)
+    duplicates_within_splits: int  # extra copies of an image inside one split
+    duplicate_groups_across_splits: int  # contents found in more than one split
+    test_in_train: int  # train images whose content is also a test image: leakage
+    val_in_train: int  # train images whose content is also a validation image
+    removed_from_train: int  # by data.dedupe
+
+    def values(self) -> dict[str, float]:
+        """Every number by name."""
+        return {k: float(v) for k, v in self.model_dump().items()}

@@ -1,4 +1,5 @@
-"""PNG charts (matplotlib, no display needed): loss curves, FPS per back-end, confusion matrix."""
+"""PNG charts (matplotlib, no display needed): loss curves, FPS per back-end, confusion matrix,
+images per class and split."""
 
 from __future__ import annotations
 
@@ -84,4 +85,42 @@ def plot_confusion(matrix: np.ndarray, classes: Sequence[str], path: Path) -> Pa
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("Confusion matrix (test)")
+    return _save(plt, fig, path)
+
+
+LABELLED_CLASSES = 40  # up to this many classes the chart names each one
+
+
+def plot_class_counts(classes: Sequence[str], counts: Mapping[str, Sequence[int]], path: Path
+                      ) -> Path:
+    """Images per class, one stacked bar per class with a segment per split. Up to
+    LABELLED_CLASSES classes are named bars in index order; more are drawn sorted by size,
+    unnamed, so the balance of a data set of a thousand classes still shows."""
+    totals = np.sum([np.asarray(c) for c in counts.values()], axis=0)
+    labelled = len(classes) <= LABELLED_CLASSES
+    order = np.arange(len(classes)) if labelled else np.argsort(-totals, kind="stable")
+    height = max(3.0, 0.28 * len(classes) + 1.5) if labelled else 4.0
+    plt, fig, ax = _figure(7 if labelled else 8, height)
+    bar = ax.barh if labelled else ax.bar
+    positions, base = np.arange(len(classes)), np.zeros(len(classes))
+    for split, values in counts.items():
+        values = np.asarray(values)[order]
+        if values.any():
+            bar(positions, values, 0.8 if labelled else 1.0, base, label=split)
+        base += values
+    if labelled:
+        for y, total in zip(positions, totals[order]):
+            ax.text(total, y, f" {total}", va="center", fontsize=8)
+        ax.set_yticks(positions, [classes[i] for i in order])
+        ax.invert_yaxis()
+        ax.set_xlabel("images")
+        ax.set_xlim(0, totals.max() * 1.12 or 1)
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xlabel(f"{len(classes)} classes, by number of images")
+        ax.set_ylabel("images")
+        ax.set_xlim(-0.5, len(classes) - 0.5)
+        ax.grid(axis="y", alpha=0.3)
+    ax.legend(ncol=len(counts), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax.set_title("Images per class and split", pad=24)
     return _save(plt, fig, path)

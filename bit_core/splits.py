@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from bit_core.contracts import SPLITS, read_split_marker
@@ -46,18 +45,6 @@ def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
         raise DataError(f"{root}: {err}: it needs one sub-folder of images per class") from None
     samples = [Sample(os.path.relpath(path, root), label) for path, label in found]
     return samples, classes
-
-
-def find_unreadable(root: Path, samples: Sequence[Sample]) -> list[str]:
-    """Paths of images that PIL cannot decode."""
-    bad = []
-    for sample in samples:
-        try:
-            with Image.open(Path(root) / sample.path) as image:
-                image.verify()
-        except Exception:  # noqa: BLE001 - any decoder error means unreadable
-            bad.append(sample.path)
-    return bad
 
 
 @dataclass(frozen=True)

@@ -248,12 +248,15 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reports", type=Path, required=True, help="loss curve and metrics")
     parser.add_argument("--resume-dir", type=Path, default=None,
                         help="where periodic checkpoints go and interrupted runs resume from")
+    parser.add_argument("--data-report", type=Path, default=None,
+                        help="the prepare stage's data report, logged to the run")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Fine-tune BiT with the BiT-HyperRule."""
     metrics = finetune(params, args.data, args.splits, args.weights, args.out, args.reports,
                        args.resume_dir)
+    tracking.log_data_report(args.out, args.data_report)
     log.info("fine-tuned: %s", metrics)
 
 

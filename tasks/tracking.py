@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bit_core.contracts import MLFLOW_RUN
+from bit_core.contracts import DATA_METRICS, MLFLOW_RUN, DataMetrics
 from bit_core.errors import Interrupted
 from bit_core.redact import redact, redact_value
 from tasks import environment
@@ -183,6 +183,26 @@ def appended_run(directory: Path) -> Iterator[object]:
     configure()
     with mlflow.start_run(run_id=run_id):
         yield mlflow
+
+
+def log_data_report(directory: Path, report: Path | None) -> None:
+    """Add the prepare stage's data report to the run recorded in `directory` (the fine-tune
+    output): its files as artifacts under ``data/``, its numbers as ``data.<name>`` metrics.
+
+    The fine-tune opens the pipeline's run, so it carries the report of the data it trained on
+    (DVC skips an unchanged prepare stage, which therefore cannot log to a new run itself).
+    Only the first of several training processes (torchrun's RANK 0) logs.
+    """
+    if report is None or os.environ.get("RANK", "0") != "0":
+        return
+    numbers = DataMetrics.read(Path(report) / DATA_METRICS, "prepare")
+    with appended_run(directory) as mlflow:
+        if mlflow is None:
+            return
+        mlflow.log_metrics({f"data.{key}": value for key, value in numbers.values().items()})
+        for path in sorted(Path(report).iterdir()):
+            if path.is_file() and not path.name.startswith("."):  # not DVC's .gitignore
+                mlflow.log_artifact(str(path), "data")
 
 
 class StepLogger:

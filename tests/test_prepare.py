@@ -1,14 +1,17 @@
 """The prepare stage: stratified splits, given test and validation sets, few-shot, unreadable
-images."""
+images, and the data report (counts, sizes, exact duplicates and leakage)."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from bit_core.config import DataConfig
-from bit_core.contracts import write_split_marker
+from bit_core.contracts import DATA_METRICS, DataMetrics, write_split_marker
 from bit_core.errors import DataError
 from bit_core.splits import few_shot, read_split, stratified_split
 from tasks.prepare import prepare
@@ -27,7 +30,7 @@ def test_official_test_split_is_kept(tmp_path):
     _images(raw / "train", ["cat", "dog"], 10)
     _images(raw / "test", ["cat", "dog"], 3)
     write_split_marker(raw, "cifar10", ["cat", "dog"], {"train": 20, "test": 6})
-    stats = prepare(DataConfig(val_fraction=0.2), raw, tmp_path / "out")
+    stats = prepare(DataConfig(val_fraction=0.2), raw, tmp_path / "out", tmp_path / "report")
     assert stats["official_test"] and stats["test_images"] == 6
     assert stats["train_images"] == 16 and stats["val_images"] == 4
     test = read_split(tmp_path / "out/test.csv")
@@ -41,9 +44,10 @@ def test_unreadable_image_named(tmp_path):
     raw = tmp_path / "raw"
     _images(raw, ["a", "b"], 4)
     (raw / "b" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match=r"b/broken.png"):
-        prepare(DataConfig(), raw, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\) under .*raw: b/broken.png; "
+                                        r"remove or replace them, or set data.unreadable: skip"):
+        prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
 
 
 def test_few_shot_is_seeded():
@@ -63,15 +67,21 @@ def test_few_shot_too_many_shots():
         few_shot(np.arange(6), labels, 5, seed=0)
 
 
+def _metrics(report) -> DataMetrics:
+    return DataMetrics.read(report / DATA_METRICS, "prepare")
+
+
 def test_a_given_validation_split_is_kept_too(tmp_path):
     raw = tmp_path / "raw"
     for split, n in (("train", 6), ("val", 2), ("test", 3)):
         _images(raw / split, ["cat", "dog"], n)
     write_split_marker(raw, "imagefolder", ["cat", "dog"], {"train": 12, "val": 4, "test": 6},
                        splits={"train": "train", "val": "val", "test": "test"})
-    stats = prepare(DataConfig(val_fraction=0.5), raw, tmp_path / "out")
+    stats = prepare(DataConfig(val_fraction=0.5), raw, tmp_path / "out", tmp_path / "report")
     assert (stats["train_images"], stats["val_images"], stats["test_images"]) == (12, 4, 6)
     assert {s.path.split("/")[0] for s in read_split(tmp_path / "out/val.csv")} == {"val"}
+    assert "The validation and test splits are as the source gives" in \
+        (tmp_path / "report/report.md").read_text()
 
 
 def test_a_class_missing_from_a_given_split_is_named(tmp_path):
@@ -81,4 +91,61 @@ def test_a_class_missing_from_a_given_split_is_named(tmp_path):
     write_split_marker(raw, "imagefolder", ["cat", "dog"], {"train": 4, "test": 2},
                        splits={"train": "train", "test": "val"})
     with pytest.raises(DataError, match=r"class 'dog' is in .*raw/train but not in .*raw/val: "):
-        prepare(DataConfig(), raw, tmp_path / "out")
+        prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
+
+
+def _leaky(raw):
+    """An official split where test/cat/0.png and test/dog/1.png are copies of train images
+    (train/cat/0.png, and train/dog/1.png twice), with two sizes and an unreadable file."""
+    _images(raw / "train", ["cat", "dog"], 6)
+    _images(raw / "test", ["cat", "dog"], 3, size=(9, 7))
+    for name in ("cat/0.png", "dog/1.png"):
+        shutil.copyfile(raw / "train" / name, raw / "test" / name)
+    shutil.copyfile(raw / "train/dog/1.png", raw / "train/dog/1-again.png")
+    (raw / "train/cat/broken.jpg").write_bytes(b"\xff\xd8 not really")
+    write_split_marker(raw, "cifar10", ["cat", "dog"], {"train": 13, "test": 6})
+
+
+def test_the_report_finds_leakage_and_dedupe_removes_it_from_train(tmp_path):
+    raw, out, report = tmp_path / "raw", tmp_path / "out", tmp_path / "report"
+    _leaky(raw)
+    cfg = DataConfig(val_fraction=0.0, unreadable="skip")
+
+    stats = prepare(cfg, raw, out, report)
+
+    metrics = _metrics(report)
+    assert (metrics.images_train, metrics.images_val, metrics.images_test) == (13, 0, 6)
+    assert stats["train_images"] == 13 and metrics.unreadable == 1
+    assert (metrics.test_in_train, metrics.removed_from_train) == (3, 0)
+    assert (metrics.duplicate_groups_across_splits, metrics.duplicates_within_splits) == (2, 1)
+    assert (metrics.width_min, metrics.width_max, metrics.height_median) == (6, 9, 5)
+    assert sorted(report.iterdir()) == sorted(report / name for name in (
+        "classes.csv", "classes.png", "duplicates.csv", "metrics.json", "report.md", "sizes.csv",
+        "unreadable.csv"))
+    assert (report / "classes.csv").read_text().splitlines() == [
+        "class,train,val,test,total", "cat,6,0,3,9", "dog,7,0,3,10"]
+    assert (report / "sizes.csv").read_text().splitlines() == [
+        "width,height,images", "6,5,15", "9,7,4"]  # the two test copies of train images are 6 x 5
+    assert (report / "unreadable.csv").read_text().splitlines()[1:] == [
+        "train/cat/broken.jpg,cannot identify image file,skipped"]
+    duplicates = (report / "duplicates.csv").read_text().splitlines()
+    assert [line.split(",")[1:4] for line in duplicates[1:]] == [
+        ["train", "train/cat/0.png", "cat"], ["test", "test/cat/0.png", "cat"],
+        ["train", "train/dog/1-again.png", "dog"], ["train", "train/dog/1.png", "dog"],
+        ["test", "test/dog/1.png", "dog"]]
+    text = (report / "report.md").read_text()
+    assert "**Leakage**: 3 train images also in test, 0 also in validation; " \
+           "kept in train (data.dedupe: true removes them)." in text
+    assert "| train/cat/broken.jpg | cannot identify image file |" in text
+    assert (report / "classes.png").read_bytes()[:4] == b"\x89PNG"
+
+    prepare(cfg.model_copy(update={"dedupe": True}), raw, out, report)
+
+    train = {s.path for s in read_split(out / "train.csv")}
+    assert len(train) == 10 and not train & {"train/cat/0.png", "train/dog/1.png",
+                                             "train/dog/1-again.png"}
+    assert (_metrics(report).test_in_train, _metrics(report).removed_from_train) == (3, 3)
+    assert json.loads((out / "stats.json").read_text())["train_images"] == 10
+    assert [line.rsplit(",", 1)[1] for line in
+            (report / "duplicates.csv").read_text().splitlines()[1:]] == [
+        "removed from train", "", "removed from train", "removed from train", ""]

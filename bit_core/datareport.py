@@ -1,0 +1,285 @@
+"""The data report: what the splits hold, from one pass over the images.
+
+Each image is read once. Its bytes are hashed (SHA-256) and handed to PIL, which reads the size
+from the header and makes the check ``Image.verify`` makes (the file opens as an image of a known
+format; a PNG's chunk checksums are checked; a JPEG is not decoded). From that pass the report
+gives images per class and split (a table and a bar chart), the distribution of image sizes, the
+files PIL could not open, and exact duplicates: images with the same bytes. A validation or test
+image whose content also sits in train is leakage (:func:`held_out_in_train`).
+
+Written into one folder (replaced as a whole): ``metrics.json`` (:class:`DataMetrics`, the DVC
+metrics), ``report.md``, ``classes.csv`` and ``classes.png``, ``sizes.csv``, ``duplicates.csv``
+and ``unreadable.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from array import array
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bit_core.contracts import DATA_METRICS, SPLITS, DataMetrics
+from bit_core.io import atomic_dir
+from bit_core.plots import plot_class_counts
+from bit_core.splits import Sample
+
+DIGEST_BYTES = 32  # SHA-256
+SHOWN = 20  # rows of a long list shown in report.md; the CSV files hold all
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """What the pass found: for each readable image (a row, by path) its SHA-256, width, height
+    and file size; for each unreadable one, why."""
+
+    rows: dict[str, int]
+    digests: np.ndarray  # (N, 32) uint8
+    widths: np.ndarray  # (N,) int64
+    heights: np.ndarray
+    nbytes: np.ndarray
+    unreadable: dict[str, str]
+
+
+def _inspect(path: Path) -> tuple[bytes, int, int, int]:
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        image.verify()
+    return hashlib.sha256(data).digest(), width, height, len(data)
+
+
+def _why(err: BaseException) -> str:
+    """One line, the same on every run (PIL names the in-memory file by its address)."""
+    text = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(err).split()))
+    return text or type(err).__name__
+
+
+def _count(n: int, noun: str, plural: str | None = None) -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def inspect_images(root: Path, samples: Sequence[Sample]) -> ImageTable:
+    """Read each image under `root` once: content hash, size, readability."""
+    rows: dict[str, int] = {}
+    digests, sizes, unreadable = bytearray(), array("q"), {}
+    for sample in samples:
+        try:
+            digest, width, height, nbytes = _inspect(Path(root) / sample.path)
+        except Exception as err:  # noqa: BLE001 - any read or decoder error means unreadable
+            unreadable[sample.path] = _why(err)
+            continue
+        rows[sample.path] = len(rows)
+        digests += digest
+        sizes.extend((width, height, nbytes))
+    sizes_by_kind = np.asarray(sizes, dtype=np.int64).reshape(-1, 3).T
+    return ImageTable(rows, np.frombuffer(bytes(digests), np.uint8).reshape(-1, DIGEST_BYTES),
+                      *sizes_by_kind, unreadable)
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One image of a group of duplicates: its split and sample."""
+
+    split: str
+    sample: Sample
+
+
+def duplicate_groups(splits: Mapping[str, Sequence[Sample]], table: ImageTable
+                     ) -> list[tuple[str, list[Copy]]]:
+    """(SHA-256, copies) of every content that two or more images of the splits share, in the
+    order of their first copies (by split, then as listed)."""
+    names = [name for name in SPLITS for _ in splits[name]]
+    samples = [s for name in SPLITS for s in splits[name]]
+    if not samples:
+        return []
+    keys = table.digests[[table.rows[s.path] for s in samples]]
+    keys = np.ascontiguousarray(keys).view(np.dtype((np.void, DIGEST_BYTES))).ravel()
+    _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    inverse = inverse.ravel()
+    groups: dict[int, tuple[int, list[Copy]]] = {}
+    for i in np.flatnonzero(counts[inverse] > 1):
+        _, copies = groups.setdefault(int(inverse[i]), (int(i), []))
+        copies.append(Copy(names[i], samples[i]))
+    return [(keys[first].tobytes().hex(), copies) for first, copies in groups.values()]
+
+
+def held_out_in_train(groups: Sequence[tuple[str, list[Copy]]]) -> dict[str, set[str]]:
+    """{"val": train paths whose content is also a validation image, "test": ... a test image}."""
+    found: dict[str, set[str]] = {"val": set(), "test": set()}
+    for _, copies in groups:
+        held = {c.split for c in copies} & found.keys()
+        for copy in copies:
+            if copy.split == "train":
+                for split in held:
+                    found[split].add(copy.sample.path)
+    return found
+
+
+def _percentile(values: np.ndarray, q: float) -> int:
+    return int(np.percentile(values, q, method="lower"))
+
+
+@dataclass(frozen=True)
+class DataReport:
+    """Everything the report shows.
+
+    Attributes:
+        classes: class names in index order.
+        splits: the images of each split as written (after data.dedupe and data.shots).
+        given: the splits the source gave (the others were drawn from the pool).
+        table: the pass over the images.
+        groups: exact duplicates among the splits before data.dedupe and data.shots.
+        removed: train images left out because a held-out image has their content.
+        shots: training images per class kept, if few-shot.
+    """
+
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    given: tuple[str, ...]
+    table: ImageTable
+    groups: list[tuple[str, list[Copy]]]
+    removed: set[str]
+    shots: int | None = None
+
+    def counts(self) -> np.ndarray:
+        """Images per class (rows) and split (columns, in SPLITS order)."""
+        counts = np.zeros((len(self.classes), len(SPLITS)), dtype=np.int64)
+        for column, name in enumerate(SPLITS):
+            labels = [s.label for s in self.splits[name]]
+            counts[:, column] = np.bincount(labels, minlength=len(self.classes))
+        return counts
+
+    def metrics(self) -> DataMetrics:
+        per_class = self.counts().sum(axis=1)
+        leaked = held_out_in_train(self.groups)
+        within = sum(n - 1 for _, copies in self.groups
+                     for n in Counter(c.split for c in copies).values())
+        widths, heights = self.table.widths, self.table.heights
+        return DataMetrics(
+            classes=len(self.classes),
+            **{f"images_{name}": len(self.splits[name]) for name in SPLITS},
+            images_per_class_min=int(per_class.min()), images_per_class_max=int(per_class.max()),
+            bytes=int(self.table.nbytes.sum()),
+            width_min=int(widths.min()), width_median=_percentile(widths, 50),
+            width_max=int(widths.max()), height_min=int(heights.min()),
+            height_median=_percentile(heights, 50), height_max=int(heights.max()),
+            unreadable=len(self.table.unreadable), duplicates_within_splits=within,
+            duplicate_groups_across_splits=sum(len({c.split for c in copies}) > 1
+                                               for _, copies in self.groups),
+            test_in_train=len(leaked["test"]), val_in_train=len(leaked["val"]),
+            removed_from_train=len(self.removed))
+
+
+def write_report(folder: Path, report: DataReport) -> DataMetrics:
+    """Write the report's files into `folder` (replaced as a whole); return its metrics."""
+    metrics = report.metrics()
+    with atomic_dir(folder) as tmp:
+        metrics.write(tmp / DATA_METRICS)
+        counts = report.counts()
+        _csv(tmp / "classes.csv", ["class", *SPLITS, "total"],
+             ([name, *row, sum(row)] for name, row in zip(report.classes, counts.tolist())))
+        plot_class_counts(report.classes, dict(zip(SPLITS, counts.T)), tmp / "classes.png")
+        _csv(tmp / "sizes.csv", ["width", "height", "images"], _sizes(report.table))
+        _csv(tmp / "unreadable.csv", ["path", "error", "action"],
+             ([path, why, "skipped"] for path, why in sorted(report.table.unreadable.items())))
+        _csv(tmp / "duplicates.csv", ["sha256", "split", "path", "class", "action"],
+             ([digest, c.split, c.sample.path, report.classes[c.sample.label],
+               "removed from train" if c.sample.path in report.removed else ""]
+              for digest, copies in report.groups for c in copies))
+        (tmp / "report.md").write_text(_markdown(report, metrics, counts))
+    return metrics
+
+
+def _csv(path: Path, header: list[str], rows) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _sizes(table: ImageTable) -> list[tuple[int, int, int]]:
+    """(width, height, images) of each size found, most frequent first."""
+    sizes, counts = np.unique(np.stack([table.widths, table.heights], axis=1), axis=0,
+                              return_counts=True)
+    order = np.lexsort((sizes[:, 1], sizes[:, 0], -counts))
+    return [(int(sizes[i, 0]), int(sizes[i, 1]), int(counts[i])) for i in order]
+
+
+def _table(header: Sequence[str], rows, text: int = 1) -> list[str]:
+    """A markdown table: the first `text` columns left-aligned, the others (numbers) right."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * text + "---:|" * (len(header) - text)]
+    return lines + ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
+def _markdown(report: DataReport, metrics: DataMetrics, counts: np.ndarray) -> str:
+    given = [{"val": "validation"}.get(name, name) for name in SPLITS if name in report.given]
+    origin = (f"The {' and '.join(given)} split{'s are' if len(given) > 1 else ' is'} as the "
+              "source gives; the others are drawn from the rest" if given else
+              "The splits are drawn from all images") + ", seeded and stratified."
+    shots = f" Train keeps {report.shots} images per class (few-shot)." if report.shots else ""
+    lines = ["# Data report", "",
+             f"{counts.sum()} images of {len(report.classes)} classes: "
+             f"{metrics.images_train} train, {metrics.images_val} validation, "
+             f"{metrics.images_test} test. {origin}{shots}", "",
+             "## Images per class and split", "", "![images per class and split](classes.png)", ""]
+    lines += _table(["class", *SPLITS, "total"],
+                    [[name, *row, sum(row)] for name, row in zip(report.classes, counts.tolist())]
+                    + [["**all**", *counts.sum(axis=0).tolist(), counts.sum()]])
+    lines += _size_section(report.table, metrics)
+    lines += _unreadable_section(report.table)
+    lines += _duplicates_section(report, metrics)
+    return "\n".join(lines) + "\n"
+
+
+def _size_section(table: ImageTable, metrics: DataMetrics) -> list[str]:
+    size = (f"{metrics.bytes / 1e6:.1f} MB" if metrics.bytes >= 1e5 else
+            f"{metrics.bytes / 1e3:.1f} kB")
+    lines = ["", "## Image sizes", "",
+             f"All {_count(len(table.rows), 'readable image')} ({size}), including those "
+             "data.dedupe or data.shots leave out of train.", ""]
+    quantiles = (0, 5, 50, 95, 100)
+    lines += _table(["pixels", "min", "5%", "median", "95%", "max"],
+                    [[kind, *(_percentile(values, q) for q in quantiles)]
+                     for kind, values in (("width", table.widths), ("height", table.heights))])
+    sizes = _sizes(table)
+    lines += ["", f"Most common sizes ({len(sizes)} different; all in sizes.csv):", ""]
+    return lines + _table(["width × height", "images"],
+                          [[f"{w} × {h}", n] for w, h, n in sizes[:10]])
+
+
+def _unreadable_section(table: ImageTable) -> list[str]:
+    lines = ["", "## Unreadable files", ""]
+    if not table.unreadable:
+        return lines + ["None: every image opened."]
+    lines += [f"{_count(len(table.unreadable), 'file')} could not be opened as images and "
+              "were left out (data.unreadable: skip); all in unreadable.csv.", ""]
+    return lines + _table(["path", "error"], sorted(table.unreadable.items())[:SHOWN], text=2)
+
+
+def _duplicates_section(report: DataReport, metrics: DataMetrics) -> list[str]:
+    lines = ["", "## Exact duplicates", ""]
+    if not report.groups:
+        return lines + ["None: no two images have the same content (SHA-256)."]
+    leaks = metrics.test_in_train + metrics.val_in_train
+    fate = (f"{metrics.removed_from_train} removed from train (data.dedupe: true)"
+            if metrics.removed_from_train else
+            "kept in train (data.dedupe: true removes them)" if leaks else "")
+    lines += [f"{_count(len(report.groups), 'group')} of images with the same content (SHA-256): "
+              f"{_count(metrics.duplicates_within_splits, 'extra copy', 'extra copies')} inside "
+              f"a split, {_count(metrics.duplicate_groups_across_splits, 'group')} spanning "
+              "splits.", "",
+              f"**Leakage**: {_count(metrics.test_in_train, 'train image')} also in test, "
+              f"{metrics.val_in_train} also in validation" + (f"; {fate}." if fate else "."),
+              "", f"First {min(SHOWN, len(report.groups))} (all in duplicates.csv):", ""]
+    return lines + _table(["sha256", "copies"], [
+        [digest[:12], "<br>".join(f"{c.split}: {c.sample.path}" for c in copies)]
+        for digest, copies in report.groups[:SHOWN]], text=2)
