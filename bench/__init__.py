@@ -1,19 +1,19 @@
-"""Benchmark suite of bit-pipeline: ``python -m bench`` (or ``make bench``).
+"""Benchmarks of bit-pipeline: ``python -m bench`` (``make bench``), ``--help`` for the options.
 
-Measures BiT-M-R50x1 from :mod:`bit_core` against timm's ``resnetv2_50x1_bit`` in one process,
-side by side (interleaved rounds, so a change in machine load hits every variant alike):
+bit_core's BiT-M-R50x1 against timm's ``resnetv2_50x1_bit`` (the same network) in one process,
+the variants of each section taking turns round by round, so a change in the machine's load
+hits them alike and the ratios stay meaningful on a shared machine:
 
-1. ``train``   -- training images/s (forward + backward + SGD step) per configuration;
-2. ``infer``   -- inference images/s and latency, PyTorch eager / folded / bf16 / compiled,
-                  timm and ONNX Runtime;
-3. ``flops``   -- model FLOPs (``FlopCounterMode``), GEMM peak and achieved GFLOP/s;
-4. ``scaling`` -- forward cost against batch size, resolution and model size;
-5. ``data``    -- data-loading images/s (the Trainer's DataLoader, 0..n workers) against training
-                  images/s, for CIFAR-10- and ImageNet-sized images;
-6. ``overhead`` -- the pipeline's own cost: a no-op ``dvc repro``, and a Prefect flow against the
-                  same subprocesses in a plain loop.
+- ``train``    training images/s through ``bit_core.train.Trainer``, fp32 / bf16 / compiled;
+- ``infer``    inference images/s per batch size, eager / folded / bf16 / compiled, and ONNX
+               Runtime on bit_core's export;
+- ``flops``    the model's FLOPs and the GEMM peak of this machine, so that every row above gets
+               its achieved GFLOP/s and fraction of that peak;
+- ``data``     data-loading images/s against training images/s, CIFAR-10- and ImageNet-sized;
+- ``overhead`` the pipeline's own cost: a no-op ``dvc repro``, and the Prefect flow's stage task
+               against the same ``dvc repro`` calls in a plain loop.
 
-Results go to ``bench/results/results.json`` and ``RESULTS.md`` (``--out`` to change).
+Results: ``bench/results/results.json`` and ``RESULTS.md`` (``--out`` to change).
 """
 
-SECTIONS = ("train", "infer", "flops", "scaling", "data", "overhead")
+SECTIONS = ("train", "infer", "flops", "data", "overhead")

@@ -1,244 +1,97 @@
-"""Section 6: what the pipeline's machinery costs beyond the work of its stages.
+"""The `overhead` section: what the pipeline's machinery costs beyond the work of its stages.
 
-(a) DVC. A temporary git + DVC repository (``git init``, ``dvc init``, analytics off) with a
-three-stage dvc.yaml of trivial ``python -c`` stages. The first ``dvc repro`` runs them all;
-after it, ``dvc repro`` has nothing to run (checked in its output) and its wall time is DVC's
-own cost of deciding that. Timed next to ``dvc status``, ``dvc --version`` (the CLI's start-up)
-and ``python -c pass`` (the interpreter's).
-
-(b) Prefect. Inside ``prefect_test_harness`` (a temporary Prefect server, as the project's tests
-run the flow) a flow of N tasks, each running one trivial subprocess, against the same N
-subprocesses in a plain loop, plus an empty flow (the cost of a flow run itself). Then the real
-flow's stage task, ``flows.pipeline.run_stage``, over the temporary repository's stages (each a
-no-op ``dvc repro --single-item``, as ``bit-finetune`` runs one per stage), against the same
-commands run directly. All variants take turns (interleaved rounds) after one warm-up each.
+A temporary git + DVC repository holds a chain of trivial stages (each a ``python -c`` writing a
+small file), and a first ``dvc repro`` runs them. Then, with nothing to run (checked: no output
+file changes), these take turns: ``python -c pass`` (an interpreter's start-up), a no-op ``dvc
+repro``, the stages one by one with ``dvc repro --single-item`` in a plain loop, and the same
+stages through the project's flow task ``flows.pipeline.run_stage`` in a Prefect flow, inside a
+temporary Prefect server (``prefect_test_harness``, as the project's tests run the flow).
 """
 
 from __future__ import annotations
 
-import logging
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from bench.timing import interleaved, summary, timed
+from bench.measure import interleaved, ratio, row, timed
+from tasks import environment
 
-UP_TO_DATE = "Data and pipelines are up to date."
-SKIPPED = "didn't change, skipping"
-TRIVIAL = [sys.executable, "-c", "pass"]
-# Three chained stages, each a python one-liner writing a small file.
-STAGES = {
-    "generate": {"cmd": "python -c \"open('numbers.txt', 'w').write(' '.join(map(str, "
-                        "range(1000))))\"",
-                 "outs": ["numbers.txt"]},
-    "square": {"cmd": "python -c \"open('squares.txt', 'w').write(' '.join(str(int(n) ** 2) "
-                      "for n in open('numbers.txt').read().split()))\"",
-               "deps": ["numbers.txt"], "outs": ["squares.txt"]},
-    "total": {"cmd": "python -c \"open('total.txt', 'w').write(str(sum(map(int, "
-                     "open('squares.txt').read().split()))))\"",
-              "deps": ["squares.txt"], "outs": ["total.txt"]},
-}
+LOOP = "each stage by dvc repro --single-item, plain loop"
+FLOW = "each stage by flows.pipeline.run_stage, Prefect flow"
 
 
-def environment() -> dict[str, str]:
-    """What ``flows.pipeline.dvc`` gives a stage: telemetry off, this interpreter's bin first."""
-    from tasks.environment import tool_env
-
-    return tool_env()
-
-
-def command(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    """Run `args`; its stdout + stderr, or RuntimeError naming the command."""
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): "
-                           f"{(proc.stderr or proc.stdout)[-500:]}")
-    return proc.stdout + proc.stderr
+def command(args: list[str], cwd: Path) -> str:
+    """Run `args` in the pipeline's tool environment; its stdout, or an error with its output."""
+    proc = subprocess.run(args, cwd=cwd, env=environment.tool_env(), capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr[-500:]}")
+    return proc.stdout
 
 
-def make_repo(root: Path, env: dict[str, str], dvc: list[str]) -> Path:
-    """A git + DVC repository with the three-stage dvc.yaml, nothing run yet."""
+def make_repo(root: Path, count: int) -> Path:
+    """A git + DVC repository with `count` chained stages, all run once."""
+    stages = {f"s{i}": {"cmd": f"python -c \"open('s{i}.txt', 'w').write('{i}')\"",
+                        **({"deps": [f"s{i - 1}.txt"]} if i else {}), "outs": [f"s{i}.txt"]}
+              for i in range(count)}
     repo = root / "repo"
     repo.mkdir()
-    command(["git", "init", "-q"], repo, env)
-    command([*dvc, "init", "-q"], repo, env)
-    command([*dvc, "config", "core.analytics", "false"], repo, env)
-    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": STAGES}, sort_keys=False))
+    command(["git", "init", "-q"], repo)
+    command([environment.tool("dvc"), "init", "-q"], repo)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    command([environment.tool("dvc"), "repro"], repo)
     return repo
 
 
-def nothing_to_run(args: list[str], repo: Path, env: dict[str, str], expect: str):
-    """A timed command that must report `expect` and must not run a stage."""
+def variants(repo: Path, names: list[str]) -> dict:
+    """The timed commands and flow (called inside a Prefect server)."""
+    from prefect import flow
 
-    def run() -> float:
-        start = time.perf_counter()
-        output = command(args, repo, env)
-        elapsed = time.perf_counter() - start
-        if "Running stage" in output or expect not in output:
-            raise RuntimeError(f"{' '.join(args)} was not a no-op: {output[-500:]}")
-        return elapsed
+    from flows.pipeline import run_stage
 
-    return run
+    dvc = environment.tool("dvc")
 
-
-def _rows(samples: dict[str, list[float]], commands: dict[str, str]) -> list[dict]:
-    return [{"name": name, "command": commands[name], **summary(samples[name])}
-            for name in samples]
-
-
-def measure_dvc(repo: Path, env: dict[str, str], dvc: list[str], rounds: int, log) -> dict:
-    """First `dvc repro` (runs every stage), then the no-op commands, interleaved."""
-    start = time.perf_counter()
-    output = command([*dvc, "repro"], repo, env)
-    first = time.perf_counter() - start
-    ran = output.count("Running stage")
-    if ran != len(STAGES):
-        raise RuntimeError(f"first dvc repro ran {ran} of {len(STAGES)} stages: {output[-500:]}")
-    log(f"  dvc: first repro ran {ran} stages in {first:.2f} s; {rounds} rounds of no-ops")
-    commands = {"dvc repro (nothing to run)": "dvc repro", "dvc status": "dvc status",
-                "dvc --version (CLI start-up)": "dvc --version",
-                "python -c pass (interpreter start-up)": "python -c pass"}
-    fns = {"dvc repro (nothing to run)": nothing_to_run([*dvc, "repro"], repo, env, UP_TO_DATE),
-           "dvc status": nothing_to_run([*dvc, "status"], repo, env, UP_TO_DATE),
-           "dvc --version (CLI start-up)": timed(lambda: command([*dvc, "--version"], repo,
-                                                                    env)),
-           "python -c pass (interpreter start-up)": timed(lambda: command(TRIVIAL, repo, env))}
-    rows = _rows(interleaved(fns, rounds), commands)
-    for row in rows:
-        log(f"    {row['name']}: {row['median_s']:.3f} s")
-    return {"stages": list(STAGES), "first_repro_s": first, "first_repro_ran": ran,
-            "noop_confirmed": True, "commands": rows}
-
-
-@contextmanager
-def quiet_console():
-    """Prefect's console log handlers at WARNING (its API log handler, part of the cost, stays)."""
-    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers
-                if type(h).__name__ == "PrefectConsoleHandler"]
-    levels = [h.level for h in handlers]
-    for handler in handlers:
-        handler.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for handler, level in zip(handlers, levels):
-            handler.setLevel(level)
-
-
-def _flows(repo: Path, tasks: int, env: dict[str, str], dvc: list[str]) -> dict:
-    """The timed variants of part (b): Prefect flows and the loops they are compared with."""
-    from prefect import flow, task
-
-    from flows.pipeline import run_stage, stages
-
-    names = stages(repo)
-
-    @task(name="bench-subprocess", task_run_name="subprocess-{index}")
-    def subprocess_task(index: int) -> int:
-        command(TRIVIAL, repo, env)
-        return index
-
-    @flow(name="bench-subprocesses")
-    def subprocess_flow(count: int) -> list[int]:
-        return [subprocess_task(i) for i in range(count)]
-
-    @flow(name="bench-empty")
-    def empty_flow() -> None:
-        return None
-
-    @flow(name="bench-dvc-stages")
-    def stage_flow(repo_dir: str) -> list[dict]:
-        return [run_stage(stage, repo_dir) for stage in names]
-
-    def checked_stage_flow() -> None:
-        ran = [r["stage"] for r in stage_flow(str(repo)) if r["ran"]]
+    @flow(name="bench-stages")
+    def stage_flow() -> None:
+        ran = [r["stage"] for r in [run_stage(s, str(repo)) for s in names] if r["ran"]]
         if ran:
-            raise RuntimeError(f"no-op stages ran: {ran}")
+            raise RuntimeError(f"stages with nothing to do ran: {ran}")
 
-    def direct_stages() -> None:
-        for stage in names:
-            output = command([*dvc, "repro", "--single-item", stage], repo, env)
-            if SKIPPED not in output:
-                raise RuntimeError(f"stage {stage} was not skipped: {output[-300:]}")
-
-    return {
-        "stages": names,
-        "variants": {
-            f"{tasks} subprocesses in a loop": lambda: [command(TRIVIAL, repo, env)
-                                                        for _ in range(tasks)],
-            f"Prefect flow, {tasks} tasks of one subprocess": lambda: subprocess_flow(tasks),
-            "Prefect flow, no task": empty_flow,
-            f"{len(names)} dvc repro --single-item in a loop": direct_stages,
-            f"Prefect flow, {len(names)} x flows.pipeline.run_stage": checked_stage_flow,
-        },
-    }
-
-
-def _ratio(name: str, rows: dict, num: str, den: str, samples: dict) -> dict:
-    a, b = rows[num]["median_s"], rows[den]["median_s"]
-    pairs = [n / d for n, d in zip(samples[num], samples[den]) if d > 0]
-    return {"name": name, "numerator": num, "denominator": den, "numerator_value": a,
-            "denominator_value": b, "value": a / b, "metric": "s",
-            "per_round_range": [round(min(pairs), 3), round(max(pairs), 3)] if pairs else None}
-
-
-def measure_prefect(repo: Path, env: dict[str, str], dvc: list[str], tasks: int, rounds: int,
-                    log) -> tuple[dict, list[dict]]:
-    """Part (b) inside a temporary Prefect server; rows, overheads and the two ratios."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    start = time.perf_counter()
-    with quiet_console(), prefect_test_harness(server_startup_timeout=120):
-        harness = time.perf_counter() - start
-        built = _flows(repo, tasks, env, dvc)
-        variants, names = built["variants"], built["stages"]
-        # A flow's first run registers it with the server; the loops ran in part (a) already.
-        warm = {name: timed(fn)() for name, fn in variants.items() if name.startswith("Prefect")}
-        log(f"  prefect: temporary server up in {harness:.1f} s; first runs "
-            + ", ".join(f"{k} {v:.2f} s" for k, v in warm.items()))
-        samples = interleaved({name: timed(fn) for name, fn in variants.items()}, rounds)
-    keys = list(variants)
-    rows = {name: {"name": name, "first_run_s": warm.get(name), **summary(samples[name])}
-            for name in keys}
-    loop, flow_n, empty, dvc_loop, dvc_flow = (rows[k]["median_s"] for k in keys)
-    result = {
-        "harness_start_s": harness, "tasks": tasks, "stages": names,
-        "variants": list(rows.values()),
-        "subprocess_overhead_s": flow_n - loop,
-        "subprocess_overhead_per_task_s": (flow_n - loop) / tasks,
-        "flow_run_s": empty,
-        "task_overhead_s": (flow_n - empty - loop) / tasks,
-        "stage_overhead_s": dvc_flow - dvc_loop,
-        "stage_overhead_per_stage_s": (dvc_flow - dvc_loop) / len(names),
-        "stage_task_overhead_s": (dvc_flow - empty - dvc_loop) / len(names),
-    }
-    for row in rows.values():
-        log(f"    {row['name']}: {row['median_s']:.3f} s")
-    ratios = [
-        _ratio(f"Prefect flow / plain loop, wall time of {tasks} trivial subprocesses", rows,
-               keys[1], keys[0], samples),
-        _ratio(f"Prefect flow (flows.pipeline.run_stage) / plain loop, wall time of "
-               f"{len(names)} no-op dvc repro --single-item", rows, keys[4], keys[3], samples),
-    ]
-    return result, ratios
+    return {"python -c pass": lambda: command([sys.executable, "-c", "pass"], repo),
+            "dvc repro, nothing to run": lambda: command([dvc, "repro"], repo),
+            LOOP: lambda: [command([dvc, "repro", "--single-item", s], repo) for s in names],
+            FLOW: stage_flow}
 
 
 def run(settings, log) -> dict:
-    from tasks import environment as tool_environment
+    environment.apply()  # the temporary Prefect server inherits it
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from prefect.testing.utilities import prefect_test_harness
 
-    tool_environment.apply()  # the temporary Prefect server inherits this environment
-    env = environment()
+    n = settings.overhead_stages
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
-        dvc = [tool_environment.tool("dvc")]
-        repo = make_repo(Path(tmp), env, dvc)
-        dvc_part = measure_dvc(repo, env, dvc, settings.overhead_repeats, log)
-        prefect_part, ratios = measure_prefect(repo, env, dvc, settings.overhead_tasks,
-                                               settings.overhead_repeats, log)
-    return {"dvc": dvc_part, "prefect": prefect_part, "rounds": settings.overhead_repeats,
-            "ratios": ratios}
+        repo = make_repo(Path(tmp), n)
+        outputs = {p: p.stat().st_mtime_ns for p in repo.glob("s*.txt")}
+        start = time.perf_counter()
+        with prefect_test_harness(server_startup_timeout=120):
+            harness_s = time.perf_counter() - start
+            fns = {k: timed(fn) for k, fn in variants(repo, [f"s{i}" for i in range(n)]).items()}
+            samples = interleaved(fns, settings.overhead_rounds, settings.overhead_warmup)
+        if outputs != {p: p.stat().st_mtime_ns for p in repo.glob("s*.txt")}:
+            raise RuntimeError("a stage with nothing to do rewrote its output")
+    rows = {k: row(s) for k, s in samples.items()}
+    for k, r in rows.items():
+        log(f"    {k}: {r['median_s']:.2f} s")
+    return {"stages": n, "rounds": settings.overhead_rounds, "harness_start_s": harness_s,
+            "rows": rows,
+            "flow_overhead_per_stage_s": (rows[FLOW]["median_s"] - rows[LOOP]["median_s"]) / n,
+            "ratios": [ratio("Prefect flow / plain loop, stages with nothing to do", rows, FLOW,
+                             LOOP, "median_s", headline=True),
+                       ratio("no-op dvc repro / python -c pass", rows,
+                             "dvc repro, nothing to run", "python -c pass", "median_s")]}

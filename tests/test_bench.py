@@ -1,240 +1,127 @@
-"""The benchmark suite (`python -m bench`) in quick mode, on its cheap sections.
+"""`python -m bench --quick`: every section runs and writes results that hold together.
 
-Runs the real command in a subprocess (as `make bench` does, so OMP_WAIT_POLICY is set before
-torch loads) and checks that every requested section is in results.json with positive numbers,
-and that every reported ratio and GFLOP/s figure is computed from the reported numbers. The
-overhead section starts a temporary Prefect server and runs real DVC in a temporary repository.
+One run of the real command in a subprocess, as `make bench` starts it (so OMP_WAIT_POLICY is
+set before torch loads): about a minute, tiny sizes, every section. The tests check the schema,
+that the numbers are positive, and that every ratio and achieved GFLOP/s figure is computed from
+the numbers reported beside it. They assert nothing about speed: how fast this machine is today,
+under whatever else runs on it, is not a property of the code.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+SECTIONS = ["train", "infer", "flops", "data", "overhead"]
+TITLES = ["Training", "Inference", "GEMM peak", "Data loading against training",
+          "Pipeline overhead", "Headline", "Achieved GFLOP/s against the GEMM peak"]
 
-# The training section is minutes, even in quick mode.
-SECTIONS = ["infer", "flops", "scaling", "data", "overhead"]
+
+def close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9)
 
 
-def close(a: float, b: float, rel: float = 1e-6) -> bool:
-    return math.isclose(a, b, rel_tol=rel)
+def bench(repo_root: Path, *args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", *args], cwd=repo_root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory, repo_root):
+def quick_run(tmp_path_factory, repo_root) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out), "--only", ",".join(SECTIONS)],
-        cwd=repo_root, env=env, capture_output=True, text=True, timeout=480)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    bench(repo_root, "--quick", "--out", str(out))
     return out, json.loads((out / "results.json").read_text())
 
 
-def test_writes_every_file(quick_run):
+def test_writes_every_section(quick_run) -> None:
     out, results = quick_run
-    markdown = (out / "RESULTS.md").read_text()
-    assert markdown.startswith("# Benchmark")
-    assert "## 5. Data loading against training" in markdown
-    assert "## 6. Pipeline overhead" in markdown
-    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.glob(".*.tmp"))  # atomic writes left nothing behind
-    assert sorted(results["sections"]) == sorted(SECTIONS)
+    assert results["schema"] == 2 and results["settings"]["quick"] is True
     assert results["errors"] == {}
-    assert results["settings"]["quick"] is True
+    assert list(results["sections"]) == SECTIONS
+    markdown = (out / "RESULTS.md").read_text()
+    assert markdown.startswith("# Benchmark") and "--quick" in markdown
+    assert all(f"## {title}\n" in markdown for title in TITLES)
+    assert not list(out.glob(".*.tmp"))  # the atomic writes left nothing behind
 
 
-def test_machine_description(quick_run):
+def test_states_the_machine(quick_run) -> None:
     m = quick_run[1]["machine"]
-    assert m["cpu_model"] and m["usable_cores"] >= 1
-    assert m["threads"]["torch_intra_op"] == m["usable_cores"]
-    assert isinstance(m["amx"], bool) and isinstance(m["avx512_bf16"], bool)
-    assert m["versions"]["torch"] and m["versions"]["onnxruntime"] and m["versions"]["timm"]
-    assert m["env"]["OMP_WAIT_POLICY"]
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+    assert {"amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni"} <= set(m["flags"])
+    assert m["flags"] == {f: f in flags for f in m["flags"]}
+    assert m["amx"] == ({"amx_tile", "amx_bf16"} <= flags)
+    assert m["cpu_model"] and m["threads"] >= 1 and m["omp_wait_policy"] == "PASSIVE"
+    assert all(m["versions"][p] for p in ("torch", "timm", "onnxruntime", "dvc", "prefect"))
+    assert m["elapsed_s"] > 0 and len(m["loadavg_start"]) == len(m["loadavg_end"]) == 3
 
 
-def test_inference_numbers_and_ratios(quick_run):
-    infer = quick_run[1]["sections"]["infer"]
-    batches = [str(b) for b in infer["batches"]]
-    rows = {v["name"]: v for v in infer["variants"]}
-    assert {"bit_core eager fp32", "bit_core folded fp32", "bit_core folded bf16 channels_last",
-            "timm eager fp32", "ONNX Runtime fp32"} <= set(rows)
-    for v in infer["variants"]:
-        for b in batches:
-            r = v["results"][b]
-            assert r["img_s"] > 0 and r["latency_ms"] > 0 and r["median_s"] > 0
-            assert close(r["img_s"], int(b) / r["median_s"])
-            assert close(r["latency_ms"], 1e3 * r["median_s"])
-            assert r["min_s"] <= r["median_s"] <= r["max_s"]
-            assert close(r["vs_timm_fp32"],
-                         r["img_s"] / rows["timm eager fp32"]["results"][b]["img_s"])
-            assert close(r["vs_bit_core_fp32"],
-                         r["img_s"] / rows["bit_core eager fp32"]["results"][b]["img_s"])
-            assert v["parity"][b]["max_rel_err"] >= 0
-        if v["library"] != "timm" and v["precision"] == "fp32":
-            assert all(v["parity"][b]["correct"] for b in batches), v["name"]
-    assert infer["ratios"]
-    for ratio in infer["ratios"]:
-        b = str(ratio["batch"])
-        assert ratio["numerator_value"] == rows[ratio["numerator"]]["results"][b]["img_s"]
-        assert ratio["denominator_value"] == rows[ratio["denominator"]]["results"][b]["img_s"]
-        assert ratio["value"] > 0
-        assert close(ratio["value"], ratio["numerator_value"] / ratio["denominator_value"])
-    for b in batches:
-        best = infer["best"]["bit_core"][b]
-        assert rows[best]["library"] == "bit_core"
-        assert rows[best]["results"][b]["img_s"] == max(
-            v["results"][b]["img_s"] for v in infer["variants"]
-            if v["library"] == "bit_core" and v["parity"][b]["correct"])
+def test_rows_hold_positive_numbers(quick_run) -> None:
+    sections = quick_run[1]["sections"]
+    for name, section in sections.items():
+        assert section["rows"], name
+        for key, r in section["rows"].items():
+            assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"], key
+            assert r["median_s"] == statistics.median(r["samples_s"]), key
+            if "images" in r:
+                assert close(r["img_s"], r["images"] / r["median_s"]), key
+    for name in ("train", "infer"):
+        for key, r in sections[name]["rows"].items():
+            assert r["correct"] or r["precision"] != "fp32", key  # fp32 matches the reference
+    assert sections["overhead"]["harness_start_s"] > 0
 
 
-def test_flops_and_utilization(quick_run):
+def test_ratios_come_from_the_rows(quick_run) -> None:
+    results = quick_run[1]
+    for name, section in results["sections"].items():
+        rows = section["rows"]
+        for r in section["ratios"]:
+            assert r["numerator_value"] == rows[r["numerator"]][r["metric"]], r["name"]
+            assert r["denominator_value"] == rows[r["denominator"]][r["metric"]], r["name"]
+            assert r["value"] > 0 and close(r["value"], r["numerator_value"] /
+                                            r["denominator_value"]), r["name"]
+            low, high = r["per_round"]
+            assert 0 < low <= high, r["name"]
+    everything = [{**r, "section": name} for name, s in results["sections"].items()
+                  for r in s["ratios"]] + [{**u, "section": "flops"}
+                                           for u in results["utilization"]]
+    assert results["headline"] and all(h in everything for h in results["headline"])
+    assert {h["section"] for h in results["headline"]} == set(SECTIONS)
+
+
+def test_achieved_gflops_come_from_flops_and_rows(quick_run) -> None:
     results = quick_run[1]
     flops = results["sections"]["flops"]
-    res = flops["flops"]["resolution"]
-    fwd, train = flops["flops"]["bit_core"]["forward"], flops["flops"]["bit_core"]["train"]
-    # R50x1: 2.67 GFLOP at 128 px, scaling with the pixel count; backward about twice forward.
-    assert close(fwd, 2.67e9 * (res / 128) ** 2, rel=0.01)
-    assert 2.5 * fwd < train < 3.1 * fwd
-    assert flops["flops"]["timm"] == flops["flops"]["bit_core"]
-    peak = flops["gemm"]["peak_gflops"]
-    assert peak["fp32"] > 0 and peak["bf16"] > 0
-    assert all(run["gflops"] > 0 for run in flops["gemm"]["runs"])
-    infer = {v["name"]: v for v in results["sections"]["infer"]["variants"]}
-    util = flops["utilization"]
-    assert len(util) == sum(len(v["results"]) for v in infer.values())
-    for u in util:
-        assert u["img_s"] == infer[u["config"]]["results"][str(u["batch"])]["img_s"]
-        assert close(u["gflops"], u["gflop_per_image"] * u["img_s"])
-        assert close(u["gflop_per_image"], fwd / 1e9)
-        assert close(u["fraction_of_peak"], u["gflops"] / peak[u["precision"]])
-        assert u["gflops"] > 0
+    per_image = flops["flops_per_image"]
+    # R50x1 is 2.67 GFLOP forward at 128 px and grows with the pixel count; timm's is the same.
+    scale = (flops["resolution"] / 128) ** 2
+    assert math.isclose(per_image["bit_core"]["forward"], 2.67e9 * scale, rel_tol=0.01)
+    assert per_image["timm"] == per_image["bit_core"]
+    timed = {f"{name}: {k}": r for name in ("train", "infer")
+             for k, r in results["sections"][name]["rows"].items()}
+    assert [u["numerator"] for u in results["utilization"]] == list(timed)
+    for u in results["utilization"]:
+        r = timed[u["numerator"]]
+        kind = "train" if u["numerator"].startswith("train") else "forward"
+        assert u["img_s"] == r["img_s"]
+        assert close(u["gflop_per_image"], per_image["bit_core"][kind] / 1e9)
+        assert close(u["numerator_value"], u["gflop_per_image"] * u["img_s"])
+        assert u["denominator_value"] == flops["peak_gflops"][r["precision"]]
+        assert close(u["value"], u["numerator_value"] / u["denominator_value"])
 
 
-def test_scaling(quick_run):
-    scaling = quick_run[1]["sections"]["scaling"]
-    for row in scaling["batch"]:
-        assert row["img_s"] > 0 and close(row["img_s"], row["batch"] / row["median_s"])
-    for row in scaling["resolution"]:
-        assert row["gflop_per_image"] > 0 and row["img_s"] > 0
-    models = scaling["models"]
-    assert [m["model"] for m in models][0] == "BiT-M-R50x1" and len(models) == 6
-    assert all(m["params"] > 0 and m["gflop_per_image"] > 0 for m in models)
-    assert close(models[0]["weights_mb_fp32"], models[0]["params"] * 4 / 1e6)
-    biggest = max(models, key=lambda m: m["params"])
-    assert biggest["model"] == "BiT-M-R152x4" and biggest["weights_mb_fp32"] > 3500
-    assert any("ms_per_image" in m for m in models)
-
-
-def finite_positive(*values: float) -> bool:
-    return all(math.isfinite(v) and v > 0 for v in values)
-
-
-def test_data_loading_against_training(quick_run):
-    results = quick_run[1]
-    data, settings = results["sections"]["data"], results["settings"]
-    workers = data["workers"]
-    assert workers[:2] == [0, 1] and workers == sorted(set(workers))
-    assert max(workers) <= max(results["machine"]["usable_cores"], 1)
-    assert [size["name"] for size in data["sizes"]] == list(settings["data_sizes"])
-    ratios = {r["numerator"]: r for r in data["ratios"]}
-    assert len(ratios) == len(data["ratios"]) == sum(len(s["loaders"]) for s in data["sizes"])
-    for size in data["sizes"]:
-        spec = settings["data_sizes"][size["name"]]
-        assert size["images"] == settings["data_images"] and size["mean_file_kb"] > 0
-        assert (size["precrop"], size["crop"]) == (spec["precrop"], spec["crop"])
-        train = size["train"]
-        assert train["batch"] == spec["train_batch"] and finite_positive(train["img_s"])
-        assert close(train["img_s"], train["batch"] / train["median_s"])
-        assert train["min_s"] <= train["median_s"] <= train["max_s"]
-        assert len(train["samples_s"]) == data["rounds"] == settings["data_repeats"]
-        assert sorted((r["workers"], r["cache"]) for r in size["loaders"]) == sorted(
-            (w, c) for w in workers for c in spec["cache"])
-        for r in size["loaders"]:
-            # The real transform ran: batches of crop x crop RGB images.
-            assert r["batch_shape"] == [size["loader_batch"], 3, size["crop"], size["crop"]]
-            assert r["images"] == size["batches_per_round"] * size["loader_batch"]
-            assert size["batches_per_round"] == spec["batches"]
-            assert r["steady_images"] == (spec["batches"] - spec["batches"] // 2) * size[
-                "loader_batch"]
-            assert finite_positive(r["img_s"], r["round_img_s"], r["first_batch_s"],
-                                   r["headroom"])
-            assert close(r["img_s"], r["steady_images"] / r["median_s"])
-            assert close(r["round_img_s"], r["images"] / r["round_s"])
-            # The steady part and the first batch are both parts of each whole round.
-            assert r["median_s"] < r["round_s"] and r["first_batch_s"] < r["round_s"]
-            assert r["min_s"] <= r["median_s"] <= r["max_s"]
-            assert close(r["headroom"], r["img_s"] / train["img_s"])
-            ratio = ratios[f"loader {r['name']}"]
-            assert ratio["denominator"] == train["name"] and ratio["metric"] == "img_s"
-            assert ratio["numerator_value"] == r["img_s"]
-            assert ratio["denominator_value"] == train["img_s"]
-            assert close(ratio["value"], r["headroom"])
-            low, high = ratio["per_round_range"]
-            assert 0 < low <= high
-
-
-def test_pipeline_overhead(quick_run):
-    results = quick_run[1]
-    overhead, settings = results["sections"]["overhead"], results["settings"]
-    rounds = overhead["rounds"]
-    dvc = overhead["dvc"]
-    assert dvc["noop_confirmed"] is True and dvc["first_repro_ran"] == len(dvc["stages"]) == 3
-    assert finite_positive(dvc["first_repro_s"])
-    commands = {r["command"]: r for r in dvc["commands"]}
-    assert set(commands) == {"dvc repro", "dvc status", "dvc --version", "python -c pass"}
-    for r in dvc["commands"]:
-        assert finite_positive(r["min_s"]) and r["min_s"] <= r["median_s"] <= r["max_s"]
-        assert len(r["samples_s"]) == rounds
-    # Deciding that nothing changed costs DVC more than starting an interpreter.
-    assert commands["dvc repro"]["median_s"] > commands["python -c pass"]["median_s"]
-
-    prefect = overhead["prefect"]
-    tasks = prefect["tasks"]
-    assert tasks == settings["overhead_tasks"] and prefect["stages"] == dvc["stages"]
-    assert finite_positive(prefect["harness_start_s"])
-    rows = {r["name"]: r for r in prefect["variants"]}
-    assert len(rows) == 5
-    for name, r in rows.items():
-        assert finite_positive(r["median_s"]) and len(r["samples_s"]) == rounds
-        assert (r["first_run_s"] > 0) if name.startswith("Prefect") else r["first_run_s"] is None
-    median = {name: r["median_s"] for name, r in rows.items()}
-    loop = median[f"{tasks} subprocesses in a loop"]
-    flow = median[f"Prefect flow, {tasks} tasks of one subprocess"]
-    empty = median["Prefect flow, no task"]
-    stages_loop = median[f"{len(dvc['stages'])} dvc repro --single-item in a loop"]
-    stages_flow = median[f"Prefect flow, {len(dvc['stages'])} x flows.pipeline.run_stage"]
-    assert flow > loop  # a flow run does more than run the subprocesses
-    assert close(prefect["subprocess_overhead_s"], flow - loop)
-    assert close(prefect["subprocess_overhead_per_task_s"], (flow - loop) / tasks)
-    assert close(prefect["flow_run_s"], empty)
-    assert close(prefect["task_overhead_s"], (flow - empty - loop) / tasks)
-    assert close(prefect["stage_overhead_s"], stages_flow - stages_loop)
-    assert close(prefect["stage_task_overhead_s"],
-                 (stages_flow - empty - stages_loop) / len(dvc["stages"]))
-    assert len(overhead["ratios"]) == 2
-    for ratio in overhead["ratios"]:
-        assert ratio["metric"] == "s"
-        assert ratio["numerator_value"] == median[ratio["numerator"]]
-        assert ratio["denominator_value"] == median[ratio["denominator"]]
-        assert close(ratio["value"], ratio["numerator_value"] / ratio["denominator_value"])
-
-
-def test_headline_ratios_come_from_the_tables(quick_run):
-    results = quick_run[1]
-    assert results["headline"]
-    sections = {h["section"] for h in results["headline"]}
-    assert {"infer", "data", "overhead"} <= sections
-    assert [h for h in results["headline"] if h["section"] == "data"] == [
-        dict(r, section="data") for r in results["sections"]["data"]["ratios"]
-        if r["workers"] == 0 and not r["cache"]]
-    for h in results["headline"]:
-        assert close(h["value"], h["numerator_value"] / h["denominator_value"])
-        assert h in [dict(r, section=h["section"])
-                     for r in results["sections"][h["section"]]["ratios"]]
+def test_render_rebuilds_the_same_report(quick_run, tmp_path, repo_root) -> None:
+    out, _ = quick_run
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    bench(repo_root, "--render", "--out", str(tmp_path))
+    assert (tmp_path / "RESULTS.md").read_text() == (out / "RESULTS.md").read_text()
