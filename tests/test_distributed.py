@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from bit_core import distributed
 from bit_core.config import TrainConfig
-from tests.test_train import Jittered
+from tests.datasets import Jittered
 
 CFG = dict(batch=8, batch_split=2, base_lr=0.5, schedule=[1, 2, 3], eval_every=100,
            precision="fp32", mixup_alpha=0.0, seed=5)
