@@ -168,18 +168,20 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
-    columns = (
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task(redact(what or dest.name), total=None)
         _fetch_with_retries(url, request_url, auth, dest, part, timeout=timeout, retries=retries,
                             bar=bar, task=task)
 
+    _verify(part, expected, url, dest)
+    os.replace(part, dest)
+    return dest
+
+
+def _verify(part: Path, expected: Mapping[str, str], url: str, dest: Path) -> None:
+    """Delete the download and raise when a checksum does not match."""
     mismatch = _mismatch(part, expected)
     if mismatch is not None:
         part.unlink(missing_ok=True)
@@ -188,8 +190,6 @@ def download(
             f"{algorithm} mismatch for {url}: expected {want}, got {got}. The partial download "
             f"was deleted; check the URL and the expected {algorithm}, or put a good copy at {dest}."
         )
-    os.replace(part, dest)
-    return dest
 
 
 def _credentials(url: str, *, mirror: bool) -> tuple[str, _Auth | None]:
@@ -342,36 +342,42 @@ def _attempt(
         raise _RetryableError(_describe(exc)) from exc
 
     with response:
-        length = _to_int(response.headers.get("Content-Length"))
-        if response.status == 206:
-            start, _, total = _parse_content_range(response.headers.get("Content-Range"))
-            if start is not None and start != offset:
-                part.unlink(missing_ok=True)
-                raise _RetryableError(f"the server resumed at byte {start} instead of {offset}")
-            mode = "ab"
-            if total is None and length is not None:
-                total = offset + length
-        else:  # 200 (or another 2xx): the full body, whatever Range said
-            offset, mode, total = 0, "wb", length
-        end = None if length is None else offset + length
-        bar.update(task, completed=offset, total=total)
+        _receive(response, part, offset, bar, task)
 
-        received = offset
-        with part.open(mode) as out:
-            while True:
-                try:
-                    chunk = response.read(_READ_SIZE)
-                except _NETWORK_ERRORS as exc:
-                    raise _RetryableError(_describe(exc)) from exc
-                if not chunk:
-                    break
-                out.write(chunk)
-                received += len(chunk)
-                bar.advance(task, len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
+
+def _receive(response, part: Path, offset: int, bar: Progress, task: TaskID) -> None:
+    """Write a response's body into the partial file: appended to the `offset` bytes already
+    there when the server resumed (206), from the start otherwise."""
+    length = _to_int(response.headers.get("Content-Length"))
+    if response.status == 206:
+        start, _, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start is not None and start != offset:
+            part.unlink(missing_ok=True)
+            raise _RetryableError(f"the server resumed at byte {start} instead of {offset}")
+        mode = "ab"
+        if total is None and length is not None:
+            total = offset + length
+    else:  # 200 (or another 2xx): the full body, whatever Range said
+        offset, mode, total = 0, "wb", length
+    end = None if length is None else offset + length
+    bar.update(task, completed=offset, total=total)
+    received = offset
+    with part.open(mode) as out:
+        while chunk := _read(response):
+            out.write(chunk)
+            received += len(chunk)
+            bar.advance(task, len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
     if end is not None and received < end:
         raise _RetryableError(f"connection closed after {received} of {end} bytes")
+
+
+def _read(response) -> bytes:
+    try:
+        return response.read(_READ_SIZE)
+    except _NETWORK_ERRORS as exc:
+        raise _RetryableError(_describe(exc)) from exc
 
 
 def _expected_digests(*, sha256: str | None, md5: str | None) -> dict[str, str]:
