@@ -9,6 +9,15 @@ tracking server named by ``MLFLOW_TRACKING_URI`` that does not answer (the fine-
 only find out after loading data and building the model), and, for nightly runs, a checkout
 where the experiment could not be recorded.
 
+Shared runs (``shared=True``, what the deployments of prefect.yaml pass) run in a workspace of
+their own, a clone made by the deployment's pull steps, and share their work with the runs of
+every host through DVC (flows/workspace.py): the workspace uses the host's DVC cache and the DVC
+remote; a run made before from the same commit with the same parameters (a DVC experiment on the
+git remote) is restored whole; before each stage the remote's run cache is fetched, so DVC
+restores a stage computed anywhere with the same inputs (``dvc repro --pull``); after each stage
+its run and outputs are pushed; at the end the run is saved as a DVC experiment and pushed, data
+first. MLflow must then be a server, since the workspace goes when the run ends.
+
 Nightly runs (``nightly=True``, what the gpu/npu schedules in prefect.yaml pass):
 
 1. Refresh the inputs whose source can change without anything DVC tracks changing: the fetch
@@ -22,7 +31,8 @@ Nightly runs (``nightly=True``, what the gpu/npu schedules in prefect.yaml pass)
    downstream, unchanged.
 2. Ask DVC what changed (``dvc status``). Nothing: finish at once, saying so in a log line and
    in the ``bit-nightly`` artifact.
-3. Otherwise run the pipeline, then record the result with ``dvc exp save -n nightly-<UTC time>``.
+3. Otherwise run the pipeline, then record the result with
+   ``dvc exp save -n nightly-<UTC time>-<flow run>`` (pushed when shared).
    An experiment ref (``refs/exps/...``) holds params.yaml, dvc.lock and the metrics files on
    top of the checkout's commit, while the model files go to the DVC cache: ``dvc exp list`` /
    ``dvc exp show`` find it, ``dvc exp apply <name>`` restores it (outputs from the cache) and
@@ -51,7 +61,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from bit_core.download import basic_auth
 from bit_core.redact import redact, split_credentials
@@ -278,7 +288,7 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False)
         errors = [line for line in output.splitlines() if "error" in line.lower()]
         raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
     if sharing and changed:
-        workspace.push(repo, sharing, stage)
+        workspace.share_run(repo, stage, sharing)
     return {"stage": stage, "ran": changed and not restored, "restored": restored}
 
 
@@ -438,6 +448,15 @@ def _run_pipeline(repo: str, params: dict, shared: bool) -> list[dict]:
     return results
 
 
+def _stage_table(results: list[dict]) -> None:
+    """The bit-stages artifact: what became of each stage (ran, restored by DVC, up to date)."""
+    rows = [{"stage": r["stage"], "outcome": "ran" if r["ran"] else
+             "restored" if r["restored"] else "up to date"} for r in results]
+    create_table_artifact(key="bit-stages", table=rows or [{"stage": "-", "outcome": "none"}],
+                          description="ran: the stage's command ran; restored: DVC restored its "
+                          "outputs from a run with the same inputs (run cache, host cache, remote)")
+
+
 def _up_to_date(repo: str, commit: str | None, restored: str | None, results: list) -> dict:
     """A nightly run with nothing to do: say so in the log and the bit-nightly artifact."""
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -446,6 +465,7 @@ def _up_to_date(repo: str, commit: str | None, restored: str | None, results: li
         message += (f"; its results are experiment {restored}, restored from the remotes "
                     "(trained by an earlier run, on this host or another)")
     get_run_logger().info(message)
+    _stage_table(results)
     create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
         f"## BiT nightly {when}\n\n{message} (commit `{commit}`); nothing retrained.\n"))
     return {"stages": results, "up_to_date": True, "experiment": None, "restored": restored,
@@ -479,6 +499,7 @@ def _publish(repo: str, results: list[dict], commit: str | None, restored: str |
     if nightly or (shared and (worked or not restored)):
         experiment = record_experiment(repo, run_id, nightly=nightly, shared=shared)
     where = _provenance(experiment, restored, shared)
+    _stage_table(results)
     create_markdown_artifact(key="bit-evaluation", description="top-1/FPS", markdown=(
         f"## BiT evaluation\n\n{table}\n\n{link}\n\n{where}\n"))
     if nightly:

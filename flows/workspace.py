@@ -32,6 +32,7 @@ import os
 import subprocess
 import urllib.parse
 from collections.abc import Mapping
+from contextlib import chdir
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,6 +197,44 @@ def push(root: str | Path, sharing: Sharing, *targets: str) -> None:
                  "push", "--run-cache", *targets)
 
 
+def share_run(root: str | Path, stage: str, sharing: Sharing) -> None:
+    """Make a stage that just ran restorable on every host: record the run in the run cache
+    (host cache), then push it and the stage's outputs to the remote.
+
+    DVC records no run of a stage that has uncached outputs besides metrics and plots (such as
+    a report kept in git), although its run cache holds them well: it stores them in the cache
+    and restores them with the rest. Such runs are recorded here with DVC's own record, and the
+    objects of those outputs are pushed with it, so ``dvc repro --pull`` restores the stage on
+    any host.
+    """
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash, _get_cache_hash, _get_stage_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
+
+    failed = 0
+    try:
+        with chdir(root), Repo(str(root)) as repo:  # DVC's API resolves paths from there
+            found = _stage(repo, root, stage)
+            if _can_hash(found):
+                repo.stage_cache.save(found)  # a no-op when DVC recorded the run itself
+                entry = (_get_stage_hash(found), _get_cache_hash(to_single_stage_lockfile(found)))
+                if sharing.remote:
+                    for objs in repo.stage_cache.get_used_objs([entry]).values():
+                        failed += len(repo.cloud.push(objs).failed)
+    except Exception as err:  # noqa: BLE001 - DVC's own errors, one line
+        raise WorkspaceError(redact(f"recording the run of {stage} failed ({err}): "
+                                    f"{REMOTE_FIX}")) from None
+    if failed:
+        raise WorkspaceError(f"pushing {stage} to DVC remote {sharing.remote_shown} failed "
+                             f"({failed} files): {REMOTE_FIX}")
+    push(root, sharing, stage)
+
+
+def _stage(repo, root: str | Path, name: str):
+    """Stage `name` of `root`'s dvc.yaml, as DVC's API sees it (with its dvc.lock entry)."""
+    return repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")[0]
+
+
 def restorable(root: str | Path, stage: str) -> bool:
     """Whether DVC's run cache holds a run of `stage` with its current inputs, so that
     ``dvc repro --pull`` restores its outputs instead of running its command.
@@ -208,8 +247,8 @@ def restorable(root: str | Path, stage: str) -> bool:
     from dvc.stage.cache import _can_hash
 
     try:
-        with Repo(str(root)) as repo:
-            found = repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{stage}")[0]
+        with chdir(root), Repo(str(root)) as repo:
+            found = _stage(repo, root, stage)
             if not _can_hash(found):
                 return False
             if not found.changed_stage() and found.deps_cached() and \
@@ -264,11 +303,8 @@ def _uncommitted_results(root: str | Path) -> list[str]:
     """Files an experiment holds besides those git tracks: dvc.lock, DVC's .gitignores and the
     uncached outputs, ignored ones too (the fine-tune's resume folder: its run record), so that
     ``dvc exp apply`` restores every output DVC cannot."""
-    declared = {"dvc.lock", *dag.outputs(root, cached=False)}
-    listed = _git(root, "ls-files", "--others").splitlines()
-    return [name for name in listed
-            if name in declared or Path(name).name == ".gitignore"
-            or any(name.startswith(f"{path}/") for path in declared)]
+    declared = sorted({"dvc.lock", *dag.outputs(root, cached=False)})
+    return _git(root, "ls-files", "--others", "--", *declared, ":(glob)**/.gitignore").split("\n")[:-1]
 
 
 def save_experiment(root: str | Path, name: str, message: str) -> str:

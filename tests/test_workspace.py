@@ -72,8 +72,9 @@ def _git(root: Path, *args: str) -> str:
 STAGES = {
     "make": {"cmd": "python -c \"import yaml, json; x = yaml.safe_load(open('params.yaml'))['x'];"
                     " open('data.txt', 'w').write(str(x) * 1000);"
+                    " open('notes.txt', 'w').write(f'made {x}');"
                     " json.dump({'x': x}, open('metrics.json', 'w'))\"",
-             "params": ["x"], "outs": ["data.txt"],
+             "params": ["x"], "outs": ["data.txt", {"notes.txt": {"cache": False}}],
              "metrics": [{"metrics.json": {"cache": False}}]},
     "use": {"cmd": "python -c \"import os; os.makedirs('keep', exist_ok=True);"
                    " open('keep/run.json', 'w').write('{}');"
@@ -201,14 +202,21 @@ def test_one_host_restores_what_another_computed(origin, tmp_path):
     remote.mkdir()
     first, sharing = _host(origin, tmp_path, "a", str(remote))
     _dvc(first, "repro")
+    for stage in STAGES:  # what a shared run does after each stage
+        workspace.share_run(first, stage, sharing)
     name = experiment_name(nightly=False)
     rev = workspace.save_experiment(first, name, f"{name}: MLflow run r1")
     saved = _git(first, "show", "--name-only", "--format=", rev).split()
-    assert {"dvc.lock", "metrics.json", "keep/run.json"} <= set(saved)  # ignored, uncached
+    assert {"dvc.lock", "metrics.json", "notes.txt", "keep/run.json"} <= set(saved)
     workspace.push_experiment(first, sharing, name)
 
     second, sharing = _host(origin, tmp_path, "b", str(remote))
-    assert workspace.restorable(second, "make")  # the run cache came from the remote
+    # the run cache came from the remote, with the run DVC itself leaves out of it (notes.txt:
+    # an uncached output that is no metric)
+    assert workspace.restorable(second, "make")
+    _dvc(second, "repro", "--pull", "--single-item", "make")
+    assert (second / "notes.txt").read_text() == "made 1"
+    assert json.loads(_dvc(second, "status", "--json", "make")) == {}
     assert not workspace.restorable(second, "use")  # a persist output: never run-cached
     assert workspace.matching_experiment(second) == name
     workspace.restore_experiment(second, name)
