@@ -1,37 +1,46 @@
 #!/usr/bin/env bash
-# The bit-finetune flow through a real Prefect server, worker and deployment, on 127.0.0.1 only.
+# The bit-finetune flow through a real Prefect server, worker and deployment, on 127.0.0.1 only,
+# as a worker host runs it: the flow run clones the repository, works in its own workspace,
+# shares data and models through a DVC remote and logs to an MLflow server.
 #
 # usage: scripts/prefect_e2e.sh CHECKOUT WORKDIR [OVERRIDE ...]
-#   CHECKOUT  the checkout the worker runs the pipeline in (a git copy; results are written there)
-#   WORKDIR   scratch space: PREFECT_HOME (the server's SQLite database), logs, pids
+#   CHECKOUT  the git repository the pull steps clone (file://CHECKOUT); the run's DVC experiment
+#             is pushed back to it (refs/exps/...). Its files are not changed.
+#   WORKDIR   scratch space: PREFECT_HOME (the server's SQLite database), the MLflow server's
+#             store and artifacts, the DVC remote and host cache, the workspaces, logs, pids
 #   OVERRIDE  section.key=value, passed to the flow's `overrides` parameter (e.g. train.batch=8)
 #
 # Steps, each bounded in time:
 #   1. prefect server start --host 127.0.0.1 --port <free port> --analytics-off, in the
-#      background, with PREFECT_HOME under WORKDIR; wait for /api/health; export PREFECT_API_URL
+#      background, with PREFECT_HOME under WORKDIR; wait for /api/health; export PREFECT_API_URL;
+#      and, unless MLFLOW_TRACKING_URI is given, mlflow server --host 127.0.0.1 with proxied
+#      artifacts (--artifacts-destination WORKDIR/mlflow/artifacts)
 #   2. for every work pool in CHECKOUT/prefect.yaml: create it (process type) when missing, set
 #      its concurrency limit to 1, and a tag concurrency limit of 1 on <pool>-training (the
 #      fine-tune task's tag); create the zombie-run automation (scripts/crash-zombie-runs.yaml)
-#   3. prefect variable set bit_pipeline_repo CHECKOUT; prefect --no-prompt deploy --all
-#   4. prefect worker start --pool <the deployment's pool>, in the background
+#   3. prefect variable set bit_git_url file://CHECKOUT; prefect --no-prompt deploy --all
+#   4. prefect worker start --pool <the deployment's pool>, in the background, as a worker host:
+#      BIT_DVC_REMOTE=WORKDIR/dvc-remote, BIT_DVC_CACHE=WORKDIR/dvc-cache, and TMPDIR
+#      WORKDIR/workspaces (where the process worker makes each run's workspace)
 #   5. prefect deployment run bit-finetune/$DEPLOYMENT --params {"overrides": [...]} --watch
-#   6. check: the run is Completed, published the bit-evaluation artifact, and wrote
-#      reports/eval/metrics.json and an MLflow run id (models/finetuned/mlflow_run.json);
-#      record each deployment's schedule parameters, and the nightly runs the server's
-#      scheduler has created from them, in result.json
-# On exit, whatever happened, the worker and the server are stopped with every process they
+#   6. check: the run is Completed and published the bit-evaluation artifact; the MLflow server
+#      has its run with metrics; its DVC experiment is in CHECKOUT; its workspace is gone;
+#      record each deployment's schedule parameters, and the nightly runs the server's scheduler
+#      has created from them, in result.json
+# On exit, whatever happened, the worker and the servers are stopped with every process they
 # started (their process groups and descendants: SIGTERM, then SIGKILL after 10 s).
 #
 # Environment:
 #   DEPLOYMENT      deployment of prefect.yaml to run (default cpu)
 #   RUN_TIMEOUT     seconds the flow run may take (default 1800)
-#   SERVER_TIMEOUT  seconds to wait for the server to answer (default 180)
-#   PREFECT_BIN     directory holding prefect and python (default: this repo's .venv/bin, else
-#                   the directory of `prefect` on PATH)
-#   MLFLOW_TRACKING_URI  passed on to the worker (default: sqlite:///CHECKOUT/mlflow.db)
+#   SERVER_TIMEOUT  seconds to wait for a server to answer (default 180)
+#   PREFECT_BIN     directory holding prefect, mlflow and python (default: this repo's
+#                   .venv/bin, else the directory of `prefect` on PATH)
+#   MLFLOW_TRACKING_URI  an MLflow server (http://...) for the worker (default: one started here)
 # Prints "e2e: ok ..." lines and exits 0 on success; non-zero with the logs' tails otherwise.
-# Writes WORKDIR/pids ("server <pid>", "worker <pid>"), WORKDIR/{server,worker,run}.log and
-# WORKDIR/result.json (flow run id, state, MLflow run id, metrics path).
+# Writes WORKDIR/pids ("server <pid>", "mlflow <pid>", "worker <pid>"),
+# WORKDIR/{server,mlflow,worker,run}.log and WORKDIR/result.json (flow run id, state, MLflow
+# run id, DVC experiment, workspaces left).
 set -euo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -61,7 +70,7 @@ PY=$PREFECT_BIN/python
 eval "$("$PY" -m tasks.environment)"
 export PREFECT_HOME=$WORK/prefect-home
 unset PREFECT_API_URL PREFECT_API_KEY PREFECT_PROFILE PREFECT_PROFILES_PATH \
-    PREFECT_API_DATABASE_CONNECTION_URL
+    PREFECT_API_DATABASE_CONNECTION_URL BIT_PIPELINE_REPO
 export PATH=$PREFECT_BIN:$PATH NO_COLOR=1 COLUMNS=200 TERM=dumb
 export PREFECT_WORKER_QUERY_SECONDS=2 PREFECT_WORKER_PREFETCH_SECONDS=5
 mkdir -p "$PREFECT_HOME"
@@ -73,7 +82,7 @@ exec 3>&1 4>&2
 log() { printf 'e2e: %s\n' "$*" >&3; }
 fail() {
     printf 'e2e: FAILED: %s\n' "$*" >&4
-    for name in server worker run; do
+    for name in server mlflow worker run; do
         [[ -s $WORK/$name.log ]] && { printf -- '--- %s.log (tail)\n' "$name" >&4; tail -n 40 "$WORK/$name.log" >&4; }
     done
     exit 1
@@ -136,8 +145,8 @@ cleanup() {
     [[ -n $HELPER ]] && order+=("$HELPER")
     for ((i = ${#LEADERS[@]} - 1; i >= 0; i--)); do order+=("${LEADERS[i]}"); done
     if ((${#order[@]})); then
-        log "stopping ${order[*]} (a pending command, the worker, the server) and their children"
-        for i in "${order[@]}"; do stop_tree "$i"; done  # the server last: the worker reports to it
+        log "stopping ${order[*]} (a pending command, the worker, the servers) and their children"
+        for i in "${order[@]}"; do stop_tree "$i"; done  # the servers last: the worker reports to them
         log "stopped in $((SECONDS - started)) s"
     fi
     exit "$status"
@@ -167,18 +176,31 @@ bounded() {  # bounded SECONDS COMMAND...: a time limit, and signals handled whi
 
 cli() { bounded "$CLI_TIMEOUT" "$PREFECT" "$@"; }
 
-# --- 1. the server ----------------------------------------------------------------------------
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# --- 1. the servers ---------------------------------------------------------------------------
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_health() {  # wait_health NAME URL PID
+    local deadline=$((SECONDS + SERVER_TIMEOUT))
+    until curl -fsS --max-time 2 "$2" >/dev/null 2>&1; do
+        kill -0 "$3" 2>/dev/null || fail "the $1 server exited"
+        ((SECONDS < deadline)) || fail "the $1 server did not answer within ${SERVER_TIMEOUT}s"
+        sleep 1
+    done
+}
+PORT=$(free_port)
 start_bg server "$PREFECT" server start --host 127.0.0.1 --port "$PORT" --analytics-off
-SERVER_PID=${LEADERS[-1]}
 export PREFECT_API_URL=http://127.0.0.1:$PORT/api
-deadline=$((SECONDS + SERVER_TIMEOUT))
-until curl -fsS --max-time 2 "$PREFECT_API_URL/health" >/dev/null 2>&1; do
-    kill -0 "$SERVER_PID" 2>/dev/null || fail "the Prefect server exited"
-    ((SECONDS < deadline)) || fail "the Prefect server did not answer within ${SERVER_TIMEOUT}s"
-    sleep 1
-done
+wait_health Prefect "$PREFECT_API_URL/health" "${LEADERS[-1]}"
 log "server up at $PREFECT_API_URL (PREFECT_HOME=$PREFECT_HOME)"
+if [[ -z ${MLFLOW_TRACKING_URI:-} ]]; then
+    MLFLOW_PORT=$(free_port)
+    mkdir -p "$WORK/mlflow"
+    start_bg mlflow env -C "$WORK/mlflow" "$PREFECT_BIN/mlflow" server --host 127.0.0.1 \
+        --port "$MLFLOW_PORT" --workers 1 --backend-store-uri "sqlite:///$WORK/mlflow/mlflow.db" \
+        --artifacts-destination "$WORK/mlflow/artifacts"
+    export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+    wait_health MLflow "$MLFLOW_TRACKING_URI/health" "${LEADERS[-1]}"
+    log "MLflow server up at $MLFLOW_TRACKING_URI (artifacts proxied to $WORK/mlflow/artifacts)"
+fi
 
 # --- 2. pools, limits, automation -------------------------------------------------------------
 read -r -a POOLS <<<"$("$PY" - "$CHECKOUT/prefect.yaml" <<'EOF'
@@ -204,14 +226,16 @@ if ! cli automation inspect bit-crash-zombie-runs >/dev/null 2>&1; then
 fi
 
 # --- 3. deployments ---------------------------------------------------------------------------
-cli variable set bit_pipeline_repo "$CHECKOUT" --overwrite >/dev/null
+cli variable set bit_git_url "file://$CHECKOUT" --overwrite >/dev/null
 bounded "$CLI_TIMEOUT" env -C "$CHECKOUT" "$PREFECT" --no-prompt deploy --all >"$WORK/deploy.log" 2>&1 \
     || { tail -n 40 "$WORK/deploy.log" >&2; fail "prefect deploy --all"; }
-log "deployed prefect.yaml from $CHECKOUT"
+log "deployed prefect.yaml from $CHECKOUT; runs clone file://$CHECKOUT"
 
-# --- 4. the worker ----------------------------------------------------------------------------
-start_bg worker "$PREFECT" worker start --pool "$POOL" --name "e2e-$POOL-$$"
-log "worker polling $POOL"
+# --- 4. the worker: a host with its DVC cache, the shared DVC remote and its workspaces --------
+mkdir -p "$WORK/dvc-remote" "$WORK/dvc-cache" "$WORK/workspaces"
+start_bg worker env BIT_DVC_REMOTE="$WORK/dvc-remote" BIT_DVC_CACHE="$WORK/dvc-cache" \
+    TMPDIR="$WORK/workspaces" "$PREFECT" worker start --pool "$POOL" --name "e2e-$POOL-$$"
+log "worker polling $POOL (DVC remote $WORK/dvc-remote, workspaces in $WORK/workspaces)"
 
 # --- 5. a run ---------------------------------------------------------------------------------
 PARAMS=$("$PY" -c 'import json, sys; print(json.dumps({"overrides": sys.argv[1:]}))' "$@")
@@ -226,17 +250,36 @@ FLOW_RUN=$(grep -oE 'UUID: [0-9a-f-]{36}' "$WORK/run.log" | head -n 1 | cut -d' 
 
 # --- 6. checks --------------------------------------------------------------------------------
 cat >"$WORK/check.py" <<'EOF'
-import asyncio, json, sys
+import asyncio, json, os, subprocess, sys, time
 from pathlib import Path
 from uuid import UUID
 
+from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
                                             FlowRunFilter, FlowRunFilterState,
                                             FlowRunFilterStateType)
 from prefect.client.schemas.objects import StateType
 
-flow_run_id, checkout, out = UUID(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+flow_run_id, checkout, work, out = UUID(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), \
+    Path(sys.argv[4])
+
+
+def experiments() -> list[str]:
+    """The DVC experiments pushed to the checkout (refs/exps/<baseline>/<name>)."""
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
+                          cwd=checkout, capture_output=True, text=True, check=True).stdout
+    return [ref.rsplit("/", 1)[1] for ref in refs.split() if not ref.startswith("refs/exps/exec/")]
+
+
+def workspaces_left(seconds: float = 60) -> list[str]:
+    """Clones of the project still in the worker's temporary folder (the worker removes a run's
+    workspace when the run ends)."""
+    deadline = time.monotonic() + seconds
+    while (left := sorted(str(p.parent) for p in (work / "workspaces").rglob("dvc.yaml"))) and \
+            time.monotonic() < deadline:
+        time.sleep(1)
+    return left
 
 
 async def main() -> None:
@@ -248,12 +291,16 @@ async def main() -> None:
         scheduled = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
     keys = sorted(a.key for a in artifacts if a.key)
-    metrics = checkout / "reports/eval/metrics.json"
-    run_file = checkout / "models/finetuned/mlflow_run.json"
+    names = experiments()
+    mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.get_experiment_by_name("bit-pipeline")
+    runs = mlflow.search_runs([experiment.experiment_id], f"tags.`dvc.experiment` = '{names[-1]}'") \
+        if names and experiment else []
     result = {"flow_run_id": str(flow_run_id), "state": run.state.name if run.state else None,
-              "artifacts": keys, "metrics": str(metrics) if metrics.is_file() else None,
-              "mlflow_run_id": json.loads(run_file.read_text())["run_id"]
-              if run_file.is_file() else None,
+              "artifacts": keys, "experiments": names,
+              "mlflow_run_id": runs[0].info.run_id if runs else None,
+              "metrics": runs[0].data.metrics if runs else {},
+              "workspaces_left": workspaces_left(),
               "nightly_schedules": {d.name: [s.parameters for s in d.schedules or []]
                                     for d in deployments},
               "scheduled_nightly_runs": {d.name: sum(
@@ -263,15 +310,18 @@ async def main() -> None:
     problems = [p for p, bad in (
         (f"state {result['state']}", result["state"] != "Completed"),
         ("no bit-evaluation artifact", "bit-evaluation" not in keys),
-        (f"no {metrics}", not result["metrics"]),
-        (f"no MLflow run id in {run_file}", not result["mlflow_run_id"])) if bad]
+        (f"no DVC experiment pushed to {checkout}", len(names) != 1),
+        ("no MLflow run with test metrics on the server",
+         not any(k.startswith("test_") for k in result["metrics"])),
+        (f"workspaces left: {result['workspaces_left']}", result["workspaces_left"])) if bad]
     if problems:
         sys.exit("; ".join(problems))
     print(f"e2e: ok flow run {flow_run_id} Completed; artifact bit-evaluation; "
-          f"MLflow run {result['mlflow_run_id']}; {metrics}")
+          f"MLflow run {result['mlflow_run_id']}; DVC experiment {names[0]} in {checkout}; "
+          "workspace removed")
 
 
 asyncio.run(main())
 EOF
-bounded "$CLI_TIMEOUT" "$PY" "$WORK/check.py" "$FLOW_RUN" "$CHECKOUT" "$WORK/result.json" \
+bounded "$CLI_TIMEOUT" "$PY" "$WORK/check.py" "$FLOW_RUN" "$CHECKOUT" "$WORK" "$WORK/result.json" \
     || fail "checks (see $WORK/result.json)"

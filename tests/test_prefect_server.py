@@ -2,7 +2,8 @@
 preflight against a closed port and a live `mlflow server`.
 
 The end-to-end test runs scripts/prefect_e2e.sh on a temporary git copy of the repository with
-the tiny training settings, then checks that nothing the script started is still running.
+the tiny training settings (the run clones it, works in its own workspace and pushes its DVC
+experiment back), then checks that nothing the script started is still running.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def test_prefect_e2e_script(tmp_path, repo_root):
         os.kill(pid, signal.SIGKILL)
     assert process.returncode == 0, output[-6000:]
     assert not survivors, f"processes left running: {survivors}"
-    assert set(started) == {"server", "worker"}
+    assert set(started) == {"server", "mlflow", "worker"}
     for pid in started.values():
         assert not Path(f"/proc/{pid}").exists() or \
             Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -166,13 +167,19 @@ def test_prefect_e2e_script(tmp_path, repo_root):
     result = json.loads((work / "result.json").read_text())
     assert result["state"] == "Completed"
     assert "bit-evaluation" in result["artifacts"]
-    assert result["mlflow_run_id"] == json.loads(
-        (repo / "models/finetuned/mlflow_run.json").read_text())["run_id"]
-    assert "top1" in (repo / "reports/eval/metrics.json").read_text()
+    assert result["mlflow_run_id"] and "test_onnxruntime_top1" in result["metrics"]
+    assert result["workspaces_left"] == []  # the run's clone went with the run
     assert result["nightly_schedules"] == {"cpu": [], "gpu": [{"nightly": True}],
                                            "npu": [{"nightly": True}]}
     # the server's scheduler turned the cron schedules into nightly runs (none for cpu)
     scheduled = result["scheduled_nightly_runs"]
     assert scheduled["gpu"] > 0 and scheduled["npu"] > 0 and scheduled["cpu"] == 0, scheduled
-    assert "seed: 5" in (repo / "params.yaml").read_text()  # the --params override arrived
+    # the run worked in its own clone and pushed its experiment back: the checkout is untouched
+    (name,) = result["experiments"]
+    ref = subprocess.run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}"],
+                         cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+    params = subprocess.run(["git", "show", f"{ref}:params.yaml"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout
+    assert "seed: 5" in params  # the --params override arrived, in the run's own params.yaml
+    assert "seed: 5" not in (repo / "params.yaml").read_text()
     assert "e2e: ok" in output

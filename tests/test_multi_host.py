@@ -1,0 +1,400 @@
+"""Workers on two hosts, each run in its own workspace, sharing work through the remotes.
+
+Everything is real and on 127.0.0.1: a Prefect server; a bare git repository holding the project
+(the tiny settings committed), which the deployments' pull steps clone; a DVC remote on an
+S3-compatible endpoint (moto, checking credentials); an `mlflow server` with proxied artifacts.
+Two workers stand in for two hosts: each has its own folder (temporary files, where the
+process worker makes the runs' workspaces), its own DVC cache and Prefect home, and its own pool
+(bit-cpu and bit-gpu, both training on the CPU here).
+
+Run A starts first; run B starts once A's data stages are on the remote, and the two then run
+at the same time with different seeds. Checked: both complete, each with its own parameters; B
+restored the data stages instead of running them; both workspaces are gone; both runs are
+readable through the MLflow server alone (loss curve, metrics, ONNX model, a registered version
+that loads); both experiments are listed from a third clone and one is reproduced there; a
+nightly run on the other host with A's commit and parameters restores everything and trains
+nothing. Then the bad inputs: each ends the run early with one line, leaves no experiment and
+no workspace, and no password reaches a log. Every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import environment
+from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
+                            running_s3_server, stop_group)
+
+pytestmark = pytest.mark.slow
+
+RUN_TIMEOUT = 1500  # seconds a flow run may take on a loaded 2-core machine
+REMOTE = "s3://bit-dvc/dvc"
+MARKER = "BIT_TEST_HOSTS"  # in the environment of every process this module starts
+
+
+@dataclass
+class Cluster:
+    root: Path
+    origin: Path  # the bare git repository
+    api: str  # the Prefect server's API
+    mlflow: str
+    s3_env: dict[str, str]
+    hosts: dict[str, Path]  # host name -> its folder
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """What a command of this module runs with: the tools' settings, the servers, the remote."""
+        env = {**environment.tool_env(), "PREFECT_API_URL": self.api, "NO_COLOR": "1",
+               "MLFLOW_TRACKING_URI": self.mlflow, **self.s3_env, MARKER: str(self.root),
+               "PREFECT_HOME": str(self.root / "prefect-home"), **extra}
+        for key in ("MLFLOW_RUN_ID", "BIT_PARAMS", "BIT_PIPELINE_REPO", "PREFECT_PROFILE"):
+            env.pop(key, None)
+        return env
+
+    def prefect(self, *args: str, cwd: Path | None = None) -> str:
+        result = subprocess.run([str(BIN / "prefect"), *args], cwd=cwd or self.root,
+                                env=self.env(), capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        return result.stdout
+
+    def start(self, name: str, command: list[str], env: dict[str, str], cwd: Path) -> None:
+        log = (self.root / f"{name}.log").open("w")
+        self.processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+
+    def client(self):
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: self.api}):
+            return get_client(sync_client=True)
+
+
+def _wait_http(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            assert process.poll() is None, f"{process.args} exited"
+            assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
+            time.sleep(1)
+
+
+def _start_prefect_server(cluster: Cluster) -> None:
+    port = free_port()
+    cluster.api = f"http://127.0.0.1:{port}/api"
+    env = cluster.env(PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")  # no 02:00 surprises
+    cluster.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
+                                     "127.0.0.1", "--port", str(port), "--analytics-off"],
+                  env, cluster.root)
+    _wait_http(f"{cluster.api}/health", cluster.processes[-1])
+
+
+def _deploy(cluster: Cluster, checkout: Path) -> None:
+    """What the README's server-host steps do: pools, the git URL variable, the deployments."""
+    for pool in ("bit-cpu", "bit-gpu", "bit-npu"):
+        cluster.prefect("work-pool", "create", pool, "--type", "process")
+    cluster.prefect("variable", "set", "bit_git_url", f"file://{cluster.origin}")
+    cluster.prefect("--no-prompt", "deploy", "--all", cwd=checkout)
+
+
+def _start_worker(cluster: Cluster, host: str, pool: str) -> None:
+    """A worker host: its own temporary folder (the runs' workspaces), DVC cache and Prefect
+    home; the shared remote and servers."""
+    folder = cluster.hosts[host]
+    for sub in ("tmp", "dvc-cache", "prefect", "cache"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    env = cluster.env(BIT_DVC_REMOTE=REMOTE, BIT_DVC_CACHE=str(folder / "dvc-cache"),
+                      TMPDIR=str(folder / "tmp"), PREFECT_HOME=str(folder / "prefect"),
+                      XDG_CACHE_HOME=str(folder / "cache"), PREFECT_WORKER_QUERY_SECONDS="2",
+                      PREFECT_WORKER_PREFETCH_SECONDS="5")
+    cluster.start(f"worker-{host}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
+                                     "--name", host], env, folder)
+
+
+def _stop_all(cluster: Cluster) -> None:
+    """Workers first, then the servers: each by its own process group."""
+    for process in reversed(cluster.processes):
+        stop_group(process, grace=15)
+    left = processes_with_env(MARKER, str(cluster.root))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, repo_root):
+    root = tmp_path_factory.mktemp("hosts")
+    checkout = make_clone(repo_root, root / "checkout")
+    origin = root / "origin.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(checkout), str(origin)], check=True)
+    with ExitStack() as stack:
+        s3 = stack.enter_context(running_s3_server(root))
+        mlflow = stack.enter_context(running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}",
+                                                           root))
+        cluster = Cluster(root, origin, "", mlflow, s3.env(),
+                          {"host-a": root / "host-a", "host-b": root / "host-b"})
+        stack.callback(_stop_all, cluster)
+        _start_prefect_server(cluster)
+        _deploy(cluster, checkout)
+        _start_worker(cluster, "host-a", "bit-cpu")
+        _start_worker(cluster, "host-b", "bit-gpu")
+        yield cluster
+
+
+# --- reading runs back through the Prefect API ----------------------------------------------------
+
+def _run(cluster: Cluster, deployment: str, seed: int | None = None, **extra) -> str:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    parameters = {"device": "cpu", **({"overrides": [f"train.seed={seed}"]} if seed else {}),
+                  **extra.pop("parameters", {})}
+    with temporary_settings({PREFECT_API_URL: cluster.api}):
+        run = run_deployment(f"bit-finetune/{deployment}", parameters=parameters, timeout=0,
+                             **extra)
+    return str(run.id)
+
+
+def _state(cluster: Cluster, run_id: str):
+    with cluster.client() as client:
+        return client.read_flow_run(run_id).state
+
+
+def _wait_final(cluster: Cluster, run_id: str, seconds: float = RUN_TIMEOUT):
+    deadline = time.monotonic() + seconds
+    while not (state := _state(cluster, run_id)) or not state.is_final():
+        assert time.monotonic() < deadline, f"flow run {run_id} not done in {seconds} s: {state}"
+        time.sleep(3)
+    return state
+
+
+def _wait_task(cluster: Cluster, run_id: str, name: str, seconds: float = RUN_TIMEOUT) -> None:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + seconds
+    while True:
+        with cluster.client() as client:
+            tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[run_id])))
+        if any(t.name == name and t.state and t.state.is_completed() for t in tasks):
+            return
+        state = _state(cluster, run_id)
+        assert not (state and state.is_final()), f"{run_id} ended {state} before {name}"
+        assert time.monotonic() < deadline, f"task {name} of {run_id} not done in {seconds} s"
+        time.sleep(3)
+
+
+def _artifact(cluster: Cluster, run_id: str, key: str):
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                ArtifactFilterKey)
+
+    with cluster.client() as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+            key=ArtifactFilterKey(any_=[key])))
+    assert found, f"flow run {run_id} published no {key} artifact"
+    data = found[0].data
+    return json.loads(data) if isinstance(data, str) and data[:1] in "[{" else data
+
+
+def _logs(cluster: Cluster, run_id: str) -> list:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with cluster.client() as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[run_id])))
+
+
+def _outcomes(cluster: Cluster, run_id: str) -> dict[str, str]:
+    return {row["stage"]: row["outcome"] for row in _artifact(cluster, run_id, "bit-stages")}
+
+
+def _workspaces(cluster: Cluster) -> list[Path]:
+    """Clones of the project left in the hosts' temporary folders."""
+    return [p.parent for folder in cluster.hosts.values()
+            for p in (folder / "tmp").rglob("dvc.yaml")]
+
+
+def _exp_refs(cluster: Cluster) -> dict[str, str]:
+    out = subprocess.run(["git", "for-each-ref", "--format=%(refname) %(objectname)",
+                          "refs/exps"], cwd=cluster.origin, capture_output=True, text=True,
+                         check=True).stdout
+    return {ref.rsplit("/", 1)[1]: sha for ref, sha in (line.split() for line in
+                                                        out.splitlines())}
+
+
+# --- two hosts at the same time ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_runs(cluster):
+    """Run A (seed 1) on host-a; once its data stages are pushed, run B (seed 2) on host-b."""
+    start = time.perf_counter()
+    a = _run(cluster, "cpu", seed=1)
+    _wait_task(cluster, a, "fetch_weights")
+    b = _run(cluster, "gpu", seed=2)
+    states = {"a": _wait_final(cluster, a), "b": _wait_final(cluster, b)}
+    print(f"two runs on two hosts: {time.perf_counter() - start:.0f} s")
+    return {"a": a, "b": b, "states": states}
+
+
+def test_both_runs_complete(cluster, two_runs):
+    for name, state in two_runs["states"].items():
+        assert state.is_completed(), f"run {name}: {state.name}: {state.message}"
+
+
+def test_the_second_host_restores_the_data_stages(cluster, two_runs):
+    a, b = _outcomes(cluster, two_runs["a"]), _outcomes(cluster, two_runs["b"])
+    data = ("fetch_data", "prepare", "fetch_weights")
+    assert [a[stage] for stage in data] == ["ran"] * 3, a
+    assert [b[stage] for stage in data] == ["restored"] * 3, b
+    assert a["finetune"] == b["finetune"] == "ran"
+
+
+def test_the_workspaces_are_removed(cluster, two_runs):
+    deadline = time.monotonic() + 60  # the worker removes a workspace once the run's process ends
+    while _workspaces(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _workspaces(cluster) == []
+
+
+@pytest.fixture(scope="module")
+def tracked(cluster, two_runs):
+    """Each run's MLflow run, found through the server by its DVC experiment's tag."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow)
+    experiment = client.get_experiment_by_name("bit-pipeline").experiment_id
+    runs = {}
+    for name in ("a", "b"):
+        evaluation = _artifact(cluster, two_runs[name], "bit-evaluation")
+        exp = next(n for n in _exp_refs(cluster) if n in evaluation)
+        (run,) = client.search_runs([experiment], f"tags.`dvc.experiment` = '{exp}'")
+        runs[name] = (exp, run)
+    return client, runs
+
+
+def test_each_run_has_its_own_parameters(cluster, tracked):
+    _, runs = tracked
+    assert runs["a"][1].data.params["train.seed"] == "1"
+    assert runs["b"][1].data.params["train.seed"] == "2"
+
+
+def test_both_runs_are_readable_through_the_mlflow_server(cluster, two_runs, tracked):
+    import mlflow
+
+    client, runs = tracked
+    assert _workspaces(cluster) == []  # nothing left on the workers' disks
+    for _, run in runs.values():
+        assert len(client.get_metric_history(run.info.run_id, "loss")) == 2
+        assert "test_onnxruntime_top1" in run.data.metrics
+        assert {"checkpoint", "onnx", "plots"} <= {a.path for a in
+                                                   client.list_artifacts(run.info.run_id)}
+        version = int(run.data.tags["registry.version"])
+        mlflow.set_tracking_uri(cluster.mlflow)
+        model = mlflow.pyfunc.load_model(f"models:/bit-classifier/{version}")
+        assert model.metadata.run_id == run.info.run_id
+
+
+def _dvc(root: Path, env: dict, *args: str) -> str:
+    result = subprocess.run([str(BIN / "dvc"), *args], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+def test_a_third_clone_lists_and_reproduces_the_experiments(cluster, tracked):
+    _, runs = tracked
+    third = cluster.root / "third"
+    subprocess.run(["git", "clone", "-q", f"file://{cluster.origin}", str(third)], check=True)
+    env = cluster.env()
+    _dvc(third, env, "remote", "add", "--local", "--default", "bit", REMOTE)
+    listed = _dvc(third, env, "exp", "list", "origin", "--name-only").split()
+    assert {runs["a"][0], runs["b"][0]} <= set(listed)
+    name = runs["a"][0]
+    _dvc(third, env, "exp", "pull", "origin", name)
+    _dvc(third, env, "exp", "apply", name)
+    _dvc(third, env, "pull")
+    assert json.loads(_dvc(third, env, "status", "--json")) == {}
+    assert yaml.safe_load((third / "params.yaml").read_text())["train"]["seed"] == 1
+    metrics = json.loads((third / "reports/eval/metrics.json").read_text())
+    assert metrics["onnxruntime_top1"] == runs["a"][1].data.metrics["test_onnxruntime_top1"]
+    assert (third / "models/onnx/model.onnx").stat().st_size > 0
+
+
+def test_a_nightly_run_on_the_other_host_restores_and_trains_nothing(cluster, tracked):
+    _, runs = tracked
+    before = _exp_refs(cluster)
+    run = _run(cluster, "gpu", seed=1, parameters={"nightly": True})  # A's commit and params
+    state = _wait_final(cluster, run)
+    assert state.is_completed(), state.message
+    nightly = _artifact(cluster, run, "bit-nightly")
+    assert "up to date" in nightly and runs["a"][0] in nightly and "nothing retrained" in nightly
+    assert _exp_refs(cluster) == before  # nothing new to record
+
+
+# --- bad input: one line, nothing half-done, no password in a log ----------------------------------
+
+def _failed_early(cluster: Cluster, run_id: str, needle: str, *secrets: str) -> None:
+    state = _wait_final(cluster, run_id, seconds=600)
+    assert not state.is_completed()
+    logs = _logs(cluster, run_id)
+    lines = [line for log in logs for line in log.message.splitlines()]
+    named = [line for line in lines + [state.message or ""] if needle in line]
+    assert named, f"no line names {needle!r}:\n" + "\n".join(lines[-40:])
+    for secret in secrets:
+        assert not any(secret in line for line in lines + [state.message or ""]), secret
+    assert _tasks(cluster, run_id) <= {"preflight", "prepare-workspace"}  # no stage started
+
+
+def _tasks(cluster: Cluster, run_id: str) -> set[str]:
+    """The names of a flow run's task runs (their prefix, without Prefect's suffix)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with cluster.client() as client:
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[run_id])))
+    return {t.name.rsplit("-", 1)[0] if t.name[-4:-3] == "-" else t.name for t in tasks}
+
+
+def test_bad_input_ends_the_run_early_in_one_line(cluster, two_runs):
+    refs = _exp_refs(cluster)
+    closed = free_port()
+    git_url = f"http://ci:g1t-s3cr3t@127.0.0.1:{closed}/bit-pipeline.git"
+    cluster.prefect("variable", "set", "bit_git_url", git_url, "--overwrite")
+    try:
+        _failed_early(cluster, _run(cluster, "cpu"), f"127.0.0.1:{closed}", "g1t-s3cr3t")
+        cluster.prefect("--no-prompt", "variable", "unset", "bit_git_url")
+        _failed_early(cluster, _run(cluster, "cpu"), "bit_git_url")
+    finally:
+        cluster.prefect("variable", "set", "bit_git_url", f"file://{cluster.origin}",
+                        "--overwrite")
+
+    secret = cluster.s3_env["AWS_SECRET_ACCESS_KEY"]
+    cases = {  # a job's env is laid over the worker's
+        "DVC remote": {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"},
+        f"DVC remote {REMOTE}": {"AWS_SECRET_ACCESS_KEY": "wr0ng-s3cr3t"},
+        "MLflow tracking server": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
+    }
+    started = [(needle, _run(cluster, deployment, job_variables={"env": env}))
+               for (needle, env), deployment in zip(cases.items(), ("cpu", "gpu", "cpu"))]
+    for needle, run_id in started:
+        _failed_early(cluster, run_id, needle, "wr0ng-s3cr3t", secret)
+    assert _exp_refs(cluster) == refs  # no experiment, whole or half
+    deadline = time.monotonic() + 60
+    while _workspaces(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _workspaces(cluster) == []  # nor a workspace with its DVC lock
