@@ -1,11 +1,16 @@
 """The data report: what the splits hold, from one pass over the images.
 
-Each image is read once. Its bytes are hashed (SHA-256) and handed to PIL, which reads the size
-from the header and makes the check ``Image.verify`` makes (the file opens as an image of a known
-format; a PNG's chunk checksums are checked; a JPEG is not decoded). From that pass the report
-gives images per class and split (a table and a bar chart), the distribution of image sizes, the
-files PIL could not open, and exact duplicates: images with the same bytes. A validation or test
-image whose content also sits in train is leakage (:func:`held_out_in_train`).
+Each image is opened once: PIL reads its size from the header and makes the check
+``Image.verify`` makes (the file opens as an image of a known format; a PNG's chunk checksums are
+checked; a JPEG is not decoded), and the first HEAD_BYTES are hashed (SHA-256) with the file size
+as a key. That pass costs about what the readability check alone does. Exact duplicates are
+found from it as fdupes and rmlint find them: only images whose size and head hash both match
+another's are read whole and compared by the SHA-256 of their whole content, so two images are
+reported as duplicates only when all their bytes are the same.
+
+From that pass the report gives images per class and split (a table and a bar chart), the
+distribution of image sizes, the files PIL could not open, and exact duplicates. A validation or
+test image whose content also sits in train is leakage (:func:`held_out_in_train`).
 
 Written into one folder (replaced as a whole): ``metrics.json`` (:class:`DataMetrics`, the DVC
 metrics), ``report.md``, ``classes.csv`` and ``classes.png``, ``sizes.csv``, ``duplicates.csv``
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import os
 import re
 from array import array
 from collections import Counter
@@ -28,21 +33,24 @@ import numpy as np
 from PIL import Image
 
 from bit_core.contracts import DATA_METRICS, SPLITS, DataMetrics
-from bit_core.io import atomic_dir
+from bit_core.io import atomic_dir, file_digest
 from bit_core.plots import plot_class_counts
 from bit_core.splits import Sample
 
-DIGEST_BYTES = 32  # SHA-256
+HEAD_BYTES = 16 * 1024  # hashed for every image; beyond a JPEG's or PNG's headers
+KEY_BYTES = 8 + 32  # file size, SHA-256 of the head
 SHOWN = 20  # rows of a long list shown in report.md; the CSV files hold all
 
 
 @dataclass(frozen=True)
 class ImageTable:
-    """What the pass found: for each readable image (a row, by path) its SHA-256, width, height
-    and file size; for each unreadable one, why."""
+    """What the pass over the images under `root` found: for each readable image (a row, by
+    path) its key (size and head hash), width, height and file size; for each unreadable one,
+    why."""
 
+    root: Path
     rows: dict[str, int]
-    digests: np.ndarray  # (N, 32) uint8
+    keys: np.ndarray  # (N, KEY_BYTES) uint8
     widths: np.ndarray  # (N,) int64
     heights: np.ndarray
     nbytes: np.ndarray
@@ -50,16 +58,22 @@ class ImageTable:
 
 
 def _inspect(path: Path) -> tuple[bytes, int, int, int]:
-    data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        image.verify()
-    return hashlib.sha256(data).digest(), width, height, len(data)
+    """(key, width, height, file size) of one image; raises if PIL cannot open it."""
+    with open(path, "rb") as file:
+        nbytes = os.fstat(file.fileno()).st_size
+        key = nbytes.to_bytes(8, "little") + hashlib.sha256(file.read(HEAD_BYTES)).digest()
+        file.seek(0)
+        with Image.open(file) as image:
+            width, height = image.size
+            image.verify()
+    return key, width, height, nbytes
 
 
 def _why(err: BaseException) -> str:
-    """One line, the same on every run (PIL names the in-memory file by its address)."""
-    text = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", " ".join(str(err).split()))
+    """One line, the same wherever the data lives (PIL quotes the file object it was given,
+    absolute path included; the row already names the image)."""
+    text = re.sub(r" ?<(?:_io\.[^<>]*|[^<>]* at 0x[0-9a-fA-F]+)>", "",
+                  " ".join(str(err).split()))
     return text or type(err).__name__
 
 
@@ -68,20 +82,20 @@ def _count(n: int, noun: str, plural: str | None = None) -> str:
 
 
 def inspect_images(root: Path, samples: Sequence[Sample]) -> ImageTable:
-    """Read each image under `root` once: content hash, size, readability."""
+    """Open each image under `root` once: size, readability, and the key duplicates share."""
     rows: dict[str, int] = {}
-    digests, sizes, unreadable = bytearray(), array("q"), {}
+    keys, sizes, unreadable = bytearray(), array("q"), {}
     for sample in samples:
         try:
-            digest, width, height, nbytes = _inspect(Path(root) / sample.path)
+            key, width, height, nbytes = _inspect(Path(root) / sample.path)
         except Exception as err:  # noqa: BLE001 - any read or decoder error means unreadable
             unreadable[sample.path] = _why(err)
             continue
         rows[sample.path] = len(rows)
-        digests += digest
+        keys += key
         sizes.extend((width, height, nbytes))
     sizes_by_kind = np.asarray(sizes, dtype=np.int64).reshape(-1, 3).T
-    return ImageTable(rows, np.frombuffer(bytes(digests), np.uint8).reshape(-1, DIGEST_BYTES),
+    return ImageTable(Path(root), rows, np.frombuffer(bytes(keys), np.uint8).reshape(-1, KEY_BYTES),
                       *sizes_by_kind, unreadable)
 
 
@@ -96,20 +110,20 @@ class Copy:
 def duplicate_groups(splits: Mapping[str, Sequence[Sample]], table: ImageTable
                      ) -> list[tuple[str, list[Copy]]]:
     """(SHA-256, copies) of every content that two or more images of the splits share, in the
-    order of their first copies (by split, then as listed)."""
+    order of their first copies (by split, then as listed). Only the images whose key another
+    image shares are read again, whole."""
     names = [name for name in SPLITS for _ in splits[name]]
     samples = [s for name in SPLITS for s in splits[name]]
     if not samples:
         return []
-    keys = table.digests[[table.rows[s.path] for s in samples]]
-    keys = np.ascontiguousarray(keys).view(np.dtype((np.void, DIGEST_BYTES))).ravel()
+    keys = table.keys[[table.rows[s.path] for s in samples]]
+    keys = np.ascontiguousarray(keys).view(np.dtype((np.void, KEY_BYTES))).ravel()
     _, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    inverse = inverse.ravel()
-    groups: dict[int, tuple[int, list[Copy]]] = {}
-    for i in np.flatnonzero(counts[inverse] > 1):
-        _, copies = groups.setdefault(int(inverse[i]), (int(i), []))
-        copies.append(Copy(names[i], samples[i]))
-    return [(keys[first].tobytes().hex(), copies) for first, copies in groups.values()]
+    groups: dict[str, list[Copy]] = {}
+    for i in np.flatnonzero(counts[inverse.ravel()] > 1):
+        digest = file_digest(table.root / samples[i].path)
+        groups.setdefault(digest, []).append(Copy(names[i], samples[i]))
+    return [(digest, copies) for digest, copies in groups.items() if len(copies) > 1]
 
 
 def held_out_in_train(groups: Sequence[tuple[str, list[Copy]]]) -> dict[str, set[str]]:
@@ -260,9 +274,17 @@ def _unreadable_section(table: ImageTable) -> list[str]:
     lines = ["", "## Unreadable files", ""]
     if not table.unreadable:
         return lines + ["None: every image opened."]
-    lines += [f"{_count(len(table.unreadable), 'file')} could not be opened as images and "
-              "were left out (data.unreadable: skip); all in unreadable.csv.", ""]
+    one = len(table.unreadable) == 1
+    lines += [f"{_count(len(table.unreadable), 'file')} could not be opened as "
+              f"{'an image and was' if one else 'images and were'} left out "
+              f"(data.unreadable: skip). {_listed(len(table.unreadable), 'unreadable.csv')}", ""]
     return lines + _table(["path", "error"], sorted(table.unreadable.items())[:SHOWN], text=2)
+
+
+def _listed(n: int, csv_name: str) -> str:
+    """What the table below shows of the `n` rows that `csv_name` holds."""
+    return (f"The first {SHOWN} below, all {n} in {csv_name}:" if n > SHOWN else
+            f"Below and in {csv_name}:")
 
 
 def _duplicates_section(report: DataReport, metrics: DataMetrics) -> list[str]:
@@ -279,7 +301,7 @@ def _duplicates_section(report: DataReport, metrics: DataMetrics) -> list[str]:
               "splits.", "",
               f"**Leakage**: {_count(metrics.test_in_train, 'train image')} also in test, "
               f"{metrics.val_in_train} also in validation" + (f"; {fate}." if fate else "."),
-              "", f"First {min(SHOWN, len(report.groups))} (all in duplicates.csv):", ""]
+              "", _listed(len(report.groups), "duplicates.csv"), ""]
     return lines + _table(["sha256", "copies"], [
         [digest[:12], "<br>".join(f"{c.split}: {c.sample.path}" for c in copies)]
         for digest, copies in report.groups[:SHOWN]], text=2)

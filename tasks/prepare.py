@@ -37,7 +37,7 @@ def prepare(cfg: DataConfig, raw: Path, out: Path, report: Path) -> dict:
 
     The splits a source gives (CIFAR's and ImageNet's official test sets, a folder's own val/ or
     test/) are kept and the others drawn from the rest, seeded and stratified. Every image is
-    read once, for the report and the readability check. With data.dedupe, train images whose
+    opened once, for the report and the readability check. With data.dedupe, train images whose
     exact content is also a validation or test image are left out of train, before data.shots
     picks its k per class. Returns the statistics in `out/stats.json`.
     """
@@ -46,7 +46,7 @@ def prepare(cfg: DataConfig, raw: Path, out: Path, report: Path) -> dict:
         raise DataError(f"no images found under {raw}: check the fetch_data stage")
     start = time.perf_counter()
     table = inspect_images(raw, data.samples())
-    log.info("read %d images in %.1f s", len(table.rows) + len(table.unreadable),
+    log.info("opened %d images in %.1f s", len(table.rows) + len(table.unreadable),
              time.perf_counter() - start)
     data = _readable(raw, data, cfg, table.unreadable)
     splits = split_root(data, cfg.val_fraction, cfg.test_fraction, cfg.seed)

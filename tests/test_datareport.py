@@ -63,3 +63,25 @@ def test_many_classes_are_drawn_sorted_and_unnamed(tmp_path):
     path = plot_class_counts([f"n{i:08d}" for i in range(120)], counts, tmp_path / "c.png")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (880, 440)
+
+
+def test_duplicates_are_exact_even_when_size_and_head_match(tmp_path):
+    """BMP rows are stored bottom-up: a different top row changes only the file's last bytes,
+    so these two images share their size and first 16 KiB but are not duplicates."""
+    raw = tmp_path / "raw"
+    for name in ("cat", "dog"):
+        (raw / name).mkdir(parents=True)
+    image = Image.new("RGB", (100, 100), (10, 20, 30))
+    image.save(raw / "cat" / "a.bmp")
+    image.save(raw / "dog" / "copy.bmp")
+    image.putpixel((0, 0), (255, 0, 0))
+    image.save(raw / "cat" / "b.bmp")
+    image.putpixel((0, 0), (0, 255, 0))
+    image.save(raw / "dog" / "c.bmp")
+    assert (raw / "cat/a.bmp").read_bytes()[:16384] == (raw / "cat/b.bmp").read_bytes()[:16384]
+    report = tmp_path / "report"
+
+    prepare(DataConfig(val_fraction=0.0, test_fraction=0.5), raw, tmp_path / "out", report)
+
+    rows = (report / "duplicates.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[2] for row in rows) == ["cat/a.bmp", "dog/copy.bmp"]
