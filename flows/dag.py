@@ -38,3 +38,11 @@ def outputs(repo: str | Path = ".", *, cached: bool | None = None) -> set[str]:
                 if cached is None or cached == is_cached:
                     found.add(path)
     return found
+
+
+def persistent(repo: str | Path, stage: str) -> list[str]:
+    """The `persist` outputs of `stage` (DVC keeps them when the stage runs again: the
+    fine-tune's resume folder)."""
+    entries = _stages(Path(repo))[stage].get("outs", [])
+    return [next(iter(entry)) for entry in entries
+            if isinstance(entry, dict) and (next(iter(entry.values())) or {}).get("persist")]

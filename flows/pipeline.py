@@ -57,6 +57,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -273,7 +274,8 @@ def stage_status(repo: str, stage: str) -> dict:
 def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False) -> dict:
     """Bring one DVC stage up to date; return whether its command ran or DVC restored its
     outputs (a run with the same inputs in the run cache, on this host or, when shared, on the
-    DVC remote). A shared run pushes the stage's outputs at once, for the other hosts."""
+    DVC remote). A shared run pushes the stage's outputs at once, for the other hosts, and keeps
+    a stopped fine-tune's checkpoint on the host for the next run (its workspace goes)."""
     sharing = workspace.Sharing.from_env() if shared else None
     changed = force or bool(stage_status(repo, stage))
     restored = False
@@ -282,11 +284,13 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False)
             workspace.fetch_run_cache(repo, sharing)
         restored = workspace.restorable(repo, stage)
     pull = ["--pull"] if sharing and sharing.remote else []
-    code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []), *pull,
-                       stage)
-    if code != 0:
-        errors = [line for line in output.splitlines() if "error" in line.lower()]
-        raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
+    kept = dag.persistent(repo, stage) if sharing and changed and not restored else []
+    with workspace.checkpoints_kept(repo, sharing, kept) if kept else nullcontext():
+        code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
+                           *pull, stage)
+        if code != 0:
+            errors = [line for line in output.splitlines() if "error" in line.lower()]
+            raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
     if sharing and changed:
         workspace.share_run(repo, stage, sharing)
     return {"stage": stage, "ran": changed and not restored, "restored": restored}

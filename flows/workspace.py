@@ -27,12 +27,14 @@ spans several hosts can prepare its workspaces the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import urllib.parse
-from collections.abc import Mapping
-from contextlib import chdir
+from collections.abc import Iterator, Mapping
+from contextlib import chdir, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -258,6 +260,32 @@ def restorable(root: str | Path, stage: str) -> bool:
             return repo.stage_cache._load(found) is not None  # noqa: SLF001
     except Exception:  # noqa: BLE001 - when in doubt, the stage runs
         return False
+
+
+@contextmanager
+def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> Iterator[None]:
+    """Around a stage with ``persist`` outputs (the fine-tune's resume folder): a run stopped or
+    failed leaves them in the host cache (``<cache>/bit-resume/<commit and parameters>``) instead
+    of in its workspace, which goes with it; the next run of the same commit and parameters on
+    this host starts with them (the trainer resumes from a checkpoint it accepts). They are
+    forgotten once the stage succeeds."""
+    root = Path(root)
+    key = hashlib.sha256(head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest()
+    store = sharing.cache / "bit-resume" / key[:16]
+    for folder in folders:
+        if (store / folder).is_dir() and any((store / folder).iterdir()):
+            shutil.rmtree(root / folder, ignore_errors=True)
+            shutil.copytree(store / folder, root / folder)
+    try:
+        yield
+    except BaseException:
+        for folder in folders:
+            if (root / folder).is_dir() and any((root / folder).iterdir()):
+                shutil.rmtree(store / folder, ignore_errors=True)
+                (store / folder).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(root / folder, store / folder)  # a rename where it can be
+        raise
+    shutil.rmtree(store, ignore_errors=True)
 
 
 # --- experiments -------------------------------------------------------------------------------

@@ -336,14 +336,21 @@ def test_a_third_clone_lists_and_reproduces_the_experiments(cluster, tracked):
 
 
 def test_a_nightly_run_on_the_other_host_restores_and_trains_nothing(cluster, tracked):
+    """A's commit and parameters, on host-b, with the workspace kept on request."""
     _, runs = tracked
     before = _exp_refs(cluster)
-    run = _run(cluster, "gpu", seed=1, parameters={"nightly": True})  # A's commit and params
+    kept = cluster.root / "kept"
+    kept.mkdir()
+    run = _run(cluster, "gpu", seed=1, parameters={"nightly": True},
+               job_variables={"working_dir": str(kept)})
     state = _wait_final(cluster, run)
     assert state.is_completed(), state.message
     nightly = _artifact(cluster, run, "bit-nightly")
     assert "up to date" in nightly and runs["a"][0] in nightly and "nothing retrained" in nightly
     assert _exp_refs(cluster) == before  # nothing new to record
+    (workspace,) = [p.parent for p in kept.rglob("dvc.yaml")]  # kept, as asked
+    assert yaml.safe_load((workspace / "params.yaml").read_text())["train"]["seed"] == 1
+    assert json.loads(_dvc(workspace, cluster.env(), "status", "--json")) == {}
 
 
 # --- bad input: one line, nothing half-done, no password in a log ----------------------------------

@@ -253,3 +253,22 @@ def test_a_shared_run_refuses_a_used_workspace(origin, tmp_path):
         check_shared_run(root, "http://127.0.0.1:5000")
     assert "params.yaml" in _one_line(err)
 
+
+
+def test_a_stopped_stage_leaves_its_checkpoint_on_the_host_for_the_next_run(origin, tmp_path):
+    sharing = Sharing(tmp_path / "host-cache")
+    first = _clone(origin, tmp_path / "first")
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.checkpoints_kept(first, sharing, ["keep"]):
+            (first / "keep").mkdir()
+            (first / "keep" / "checkpoint.pt").write_text("step 10")
+            raise KeyboardInterrupt  # the stage was stopped
+    other = _clone(origin, tmp_path / "other")
+    (other / "params.yaml").write_text("x: 2\n")
+    with workspace.checkpoints_kept(other, sharing, ["keep"]):
+        assert not (other / "keep").exists()  # other parameters: not theirs
+    second = _clone(origin, tmp_path / "second")  # a retry: same commit, same parameters
+    with workspace.checkpoints_kept(second, sharing, ["keep"]):
+        assert (second / "keep" / "checkpoint.pt").read_text() == "step 10"
+    with workspace.checkpoints_kept(_clone(origin, tmp_path / "third"), sharing, ["keep"]):
+        assert not (tmp_path / "third" / "keep").exists()  # forgotten once the stage succeeded
