@@ -21,17 +21,18 @@ CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOF
             zlib.error, gzip.BadGzipFile)
 
 
-def verified_archive(what: str, official_url: str, expected: Mapping[str, str], *,
-                     url: str | None = None, archive: str | Path | None = None,
-                     cache_dir: str | Path = DEFAULT_CACHE, progress: bool = True,
-                     official_bytes: int | None = None) -> Path:
+def verified_archive(what: str, official_url: str, official: Mapping[str, str], *,
+                     md5: str | None = None, url: str | None = None,
+                     archive: str | Path | None = None, cache_dir: str | Path = DEFAULT_CACHE,
+                     progress: bool = True, official_bytes: int | None = None) -> Path:
     """A verified archive: the local copy `archive`, or a cached, resumable download of `url`
     (a mirror) or `official_url`.
 
     Args:
         what: the archive's name in messages, e.g. "cifar10 python archive".
         official_url: where the official file is; its last part names the cached download.
-        expected: {algorithm: hex digest} the file must have (``md5``, ``sha256``).
+        official: {algorithm: hex digest} of the official file (``md5``, ``sha256``).
+        md5: the MD5 of a re-packed archive (data.md5), checked instead of `official`.
         url: a mirror instead of the official address.
         archive: a local copy to use instead of downloading.
         cache_dir: where downloads are kept.
@@ -42,24 +43,31 @@ def verified_archive(what: str, official_url: str, expected: Mapping[str, str], 
         DataError: the local copy is missing or does not match, or the download failed.
     """
     filename = official_url.rsplit("/", 1)[-1]
+    expected = {"md5": md5} if md5 else dict(official)
     if archive is None:
         try:
             return download(url or official_url, Path(cache_dir).expanduser() / filename,
                             progress=progress, what=filename, mirror=bool(url), **expected)
         except DownloadError as err:
-            raise DataError(f"{err} Or set data.archive to a local copy.") from None
+            raise DataError(f"{err} Or set data.archive to a local copy (and data.md5 to the MD5 "
+                            "of a re-packed one).") from None
     path = Path(archive).expanduser()
     if not path.is_file():
         raise DataError(f"data.archive {path} does not exist: fix the path or set it to null to "
                         "download")
     for algorithm, want in expected.items():
         got = file_digest(path, algorithm)
-        if got != want.lower():
-            size = path.stat().st_size
-            short = (f" ({size} bytes, the official file has {official_bytes}: truncated?)"
-                     if official_bytes and size < official_bytes else "")
-            raise DataError(f"{path} has {algorithm} {got}, expected {want.lower()}{short}: it is "
-                            f"not the {what}; download {official_url} again")
+        if got == want.lower():
+            continue
+        if md5:
+            raise DataError(f"{path} has md5 {got}, not data.md5 {want.lower()}: fix data.md5, "
+                            "or the file (truncated or changed?)")
+        size = path.stat().st_size
+        short = (f" ({size} bytes, the official file has {official_bytes}: truncated?)"
+                 if official_bytes and size < official_bytes else "")
+        raise DataError(f"{path} has {algorithm} {got}, expected {want.lower()}{short}: it is not "
+                        f"the {what}; download {official_url} again, or set data.md5 for a "
+                        "re-packed archive")
     return path
 
 

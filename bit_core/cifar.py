@@ -171,7 +171,7 @@ def cifar_archive(variant: str, *, url: str | None = None, archive: str | Path |
             download failed.
     """
     spec = CIFAR[variant]
-    return verified_archive(f"{variant} python archive", spec.url, {"md5": md5 or spec.md5},
+    return verified_archive(f"{variant} python archive", spec.url, {"md5": spec.md5}, md5=md5,
                             url=url, archive=archive, cache_dir=cache_dir, progress=progress)
 
 

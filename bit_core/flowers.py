@@ -40,10 +40,9 @@ def flowers_archive(*, url: str | None = None, archive: str | Path | None = None
         cache_dir: where downloads are kept.
         progress: show a progress bar while downloading.
     """
-    expected = {"md5": md5} if md5 else {"sha256": FLOWERS_SHA256}
-    return verified_archive("official flower_photos.tgz", FLOWERS_URL, expected, url=url,
-                            archive=archive, cache_dir=cache_dir, progress=progress,
-                            official_bytes=None if md5 else FLOWERS_BYTES)
+    return verified_archive("official flower_photos.tgz", FLOWERS_URL, {"sha256": FLOWERS_SHA256},
+                            md5=md5, url=url, archive=archive, cache_dir=cache_dir,
+                            progress=progress, official_bytes=FLOWERS_BYTES)
 
 
 def materialize_flowers(out: Path, *, url: str | None = None, archive: str | Path | None = None,

@@ -491,8 +491,12 @@ def test_flowers_must_match_the_published_sha256_unless_given_an_md5(http_server
     with pytest.raises(DataError, match=rf"^{local} has sha256 [0-9a-f]{{64}}, expected 4c54ace7.* "
                        rf"\({len(archive)} bytes, the official file has 228813984: truncated\?\): "
                        r"it is not the official flower_photos.tgz; download "
-                       r"http://download.tensorflow.org/example_images/flower_photos.tgz again$"):
+                       r"http://download.tensorflow.org/example_images/flower_photos.tgz again, "
+                       r"or set data.md5 for a re-packed archive$"):
         fetch(DataConfig(source="flowers", archive=str(local)), out)
+    with pytest.raises(DataError, match=rf"^{local} has md5 {md5(archive)}, not data.md5 0{{32}}: "
+                       r"fix data.md5, or the file \(truncated or changed\?\)$"):
+        fetch(DataConfig(source="flowers", archive=str(local), md5="0" * 32), out)
     assert not out.exists()
     _no_leftovers(tmp_path)
 
