@@ -144,12 +144,13 @@ def test_bad_params_stop_a_stage_with_one_line(workdir, capsys, tmp_path):
     bad.write_text((workdir / "params.yaml").read_text().replace("batch: 8", "batch: eight"))
     os.environ["BIT_PARAMS"] = str(bad)
     try:
-        code = _stage("prepare", "--raw", "data/raw", "--out", str(tmp_path / "prepared"))
+        code = _stage("prepare", "--raw", "data/raw", "--out", str(tmp_path / "prepared"),
+                      "--report", str(tmp_path / "report"))
     finally:
         os.environ["BIT_PARAMS"] = str(workdir / "params.yaml")
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "train.batch = 'eight'" in err
-    assert not (tmp_path / "prepared").exists()
+    assert not (tmp_path / "prepared").exists() and not (tmp_path / "report").exists()
 
 
 @pytest.mark.slow
