@@ -112,34 +112,41 @@ def stop_group(process: subprocess.Popen, grace: float = 60) -> None:
 
 
 @contextmanager
-def running_mlflow_server(store: str, workdir: Path) -> Iterator[str]:
-    """`mlflow server` on a free port of 127.0.0.1 over `store`, with proxied artifacts under
-    `workdir` (what workers on other hosts talk to); yields its URI, then stops its process
-    group."""
-    port = free_port()
-    env = environment.tool_env()
-    log_path = workdir / f"mlflow-server-{port}.log"
+def running_server(command: list[str], ready: str, workdir: Path, name: str,
+                   env: dict[str, str] | None = None, grace: float = 20) -> Iterator[None]:
+    """Run a server command in its own process group until `ready` (a URL) answers; stop the
+    group afterwards. Its output goes to `workdir`/<name>.log, quoted when it fails to start."""
+    log_path = workdir / f"{name}.log"
     with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1", "--backend-store-uri", store,
-             "--artifacts-destination", str(workdir / "artifacts")],
-            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        uri = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command, cwd=workdir, env=env or environment.tool_env(),
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + 120
             while True:
                 try:
-                    urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                    urllib.request.urlopen(ready, timeout=2).close()
                     break
                 except OSError:
                     if process.poll() is not None or time.monotonic() > deadline:
                         raise AssertionError(log_path.read_text()[-3000:]) from None
-                    time.sleep(1)
-            yield uri
+                    time.sleep(0.5)
+            yield
         finally:
-            stop_group(process, grace=20)
+            stop_group(process, grace=grace)
     assert process.poll() is not None
+
+
+@contextmanager
+def running_mlflow_server(store: str, workdir: Path) -> Iterator[str]:
+    """`mlflow server` on a free port of 127.0.0.1 over `store`, with proxied artifacts under
+    `workdir` (what workers on other hosts talk to); yields its URI."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    with running_server([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                         "--workers", "1", "--backend-store-uri", store,
+                         "--artifacts-destination", str(workdir / "artifacts")],
+                        f"{uri}/health", workdir, f"mlflow-server-{port}"):
+        yield uri
 
 
 @pytest.fixture
@@ -188,29 +195,13 @@ def _s3_user(url: str, bucket: str) -> tuple[str, str]:
 @contextmanager
 def running_s3_server(workdir: Path) -> Iterator[S3Endpoint]:
     """moto's S3 server on a free port of 127.0.0.1, checking credentials after set-up; yields
-    the endpoint, then stops its process group."""
+    the endpoint."""
     port = free_port()
-    log_path = workdir / f"s3-server-{port}.log"
+    url = f"http://127.0.0.1:{port}"
     env = {**environment.tool_env(), "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    with log_path.open("w") as log:
-        process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                                   cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise AssertionError(log_path.read_text()[-3000:]) from None
-                    time.sleep(0.5)
-            yield S3Endpoint(url, "bit-dvc", *_s3_user(url, "bit-dvc"))
-        finally:
-            stop_group(process, grace=10)
-    assert process.poll() is not None
+    with running_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                        f"{url}/moto-api/", workdir, f"s3-server-{port}", env, grace=10):
+        yield S3Endpoint(url, "bit-dvc", *_s3_user(url, "bit-dvc"))
 
 
 @pytest.fixture
