@@ -362,6 +362,7 @@ def _failed_early(cluster: Cluster, run_id: str, needle: str, *secrets: str) -> 
     lines = [line for log in logs for line in log.message.splitlines()]
     named = [line for line in lines + [state.message or ""] if needle in line]
     assert named, f"no line names {needle!r}:\n" + "\n".join(lines[-40:])
+    print(f"bad input, {state.name}: {named[0]}")
     for secret in secrets:
         assert not any(secret in line for line in lines + [state.message or ""]), secret
     assert _tasks(cluster, run_id) <= {"preflight", "prepare-workspace"}  # no stage started
