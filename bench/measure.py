@@ -47,7 +47,7 @@ def interleaved(fns: dict[str, Callable[[], float]], rounds: int,
     """Call every function once per round, rotating the order; each returns its own seconds.
 
     Round i of every variant runs at nearly the same moment, so a burst of load from other jobs
-    slows all of them alike and ratios of medians stay meaningful on a shared machine. The first
+    slows all of them alike and their ratios stay meaningful on a shared machine. The first
     `warmup` rounds are dropped.
     """
     names = list(fns)
@@ -69,13 +69,14 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def row(samples: list[float], images: int | None = None, **fields) -> dict:
-    """Median seconds (the reported value), min, max and the samples; images/s if `images`
-    (per sample) is given."""
-    median = statistics.median(samples)
-    out = {**fields, "median_s": median, "min_s": min(samples), "max_s": max(samples),
-           "samples_s": samples}
+    """Fastest, median and slowest seconds and the samples; images/s of the fastest if `images`
+    (per sample) is given. The fastest round is the reported value: other jobs on a shared
+    machine only ever slow a call down, and they come and go within a round, so the fastest
+    round is the closest to what the code costs; median and slowest show how loaded it was."""
+    out = {**fields, "min_s": min(samples), "median_s": statistics.median(samples),
+           "max_s": max(samples), "samples_s": samples}
     if images:
-        out.update(images=images, img_s=images / median)
+        out.update(images=images, img_s=images / out["min_s"])
     return out
 
 

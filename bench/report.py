@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-UNITS = {"img_s": "images/s", "median_s": "s"}
+UNITS = {"img_s": "images/s", "min_s": "s"}
 TITLES = {"train": "Training", "infer": "Inference", "flops": "GEMM peak",
           "data": "Data loading against training", "overhead": "Pipeline overhead"}
 
@@ -46,7 +46,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _spread(r: dict) -> str:
-    return f"{r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f})"
+    return f"{r['min_s']:.3f} / {r['median_s']:.3f} / {r['max_s']:.3f}"
 
 
 def _ratios(ratios: list[dict], section: bool = False) -> str:
@@ -61,18 +61,18 @@ def _ratios(ratios: list[dict], section: bool = False) -> str:
 
 # Per section: the columns of its rows table (header, value of a row).
 COLUMNS = {
-    "train": [("images/s", lambda r: r["img_s"]), ("step s, median (min–max)", _spread),
+    "train": [("images/s", lambda r: r["img_s"]), ("step s: fastest / median / slowest", _spread),
               ("first step s", lambda r: r["first_step_s"]),
               ("loss rel. diff vs fp32", lambda r: f"{r['loss_rel_diff']:.1e}"),
               ("correct", lambda r: r["correct"])],
-    "infer": [("images/s", lambda r: r["img_s"]), ("batch s, median (min–max)", _spread),
+    "infer": [("images/s", lambda r: r["img_s"]), ("batch s: fastest / median / slowest", _spread),
               ("first call s", lambda r: r["first_call_s"]),
               ("max rel. err of logits", lambda r: f"{r['max_rel_err']:.1e}"),
               ("correct", lambda r: r["correct"])],
-    "flops": [("GFLOP/s", lambda r: r["gflops"]), ("s, median (min–max)", _spread)],
+    "flops": [("GFLOP/s", lambda r: r["gflops"]), ("s: fastest / median / slowest", _spread)],
     "data": [("images/s", lambda r: r["img_s"]), ("images timed per round", lambda r: r["images"]),
-             ("s, median (min–max)", _spread)],
-    "overhead": [("s, median (min–max)", _spread)],
+             ("s: fastest / median / slowest", _spread)],
+    "overhead": [("s: fastest / median / slowest", _spread)],
 }
 
 
@@ -95,7 +95,8 @@ def _machine(m: dict) -> str:
 
 
 def _section(name: str, s: dict) -> list[str]:
-    out = [f"## {TITLES[name]}\n"]
+    out = [f"## {TITLES[name]}\n",
+           f"{s['elapsed_s']:.0f} s; load average (1 min) at its end {s['loadavg_end'][0]:.1f}.\n"]
     if name == "flops":
         f = s["flops_per_image"]["bit_core"]
         out.append(f"FLOPs per image at {s['resolution']} px (FlopCounterMode; timm's are the "
@@ -123,9 +124,10 @@ def markdown(results: dict) -> str:
     m, s = results["machine"], results["sections"]
     out = ["# Benchmark: bit_core BiT-M-R50x1 against timm resnetv2_50x1_bit\n",
            f"`python -m bench{' --quick' if results['settings']['quick'] else ''}` on "
-           f"{results['created']}. Ratios are of medians measured side by side in this run "
-           "(the variants take turns, one step or batch each per round; the range is over the "
-           "rounds). Absolute numbers depend on the machine and its load.\n", _machine(m) + "\n"]
+           f"{results['created']}. The variants of a section take turns, one step or batch each "
+           "per round; each reports its fastest round (other jobs only ever slow a call down), "
+           "and a ratio's range is that of the same ratio round by round. Absolute numbers "
+           "depend on the machine and its load.\n", _machine(m) + "\n"]
     out += [f"**Section {k} failed:** {v.strip().splitlines()[-1]}\n"
             for k, v in results["errors"].items()]
     out += ["## Headline\n", _ratios(results["headline"], section=True) + "\n"]
