@@ -24,7 +24,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import yaml
 
 from tasks import environment
 from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
-                            running_s3_server, stop_group)
+                            running_s3_server, running_server, stop_group)
 
 pytestmark = pytest.mark.slow
 
@@ -69,9 +68,10 @@ class Cluster:
         return result.stdout
 
     def start(self, name: str, command: list[str], env: dict[str, str], cwd: Path) -> None:
-        log = (self.root / f"{name}.log").open("w")
-        self.processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        with (self.root / f"{name}.log").open("w") as log:
+            self.processes.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
 
     def client(self):
         from prefect.client.orchestration import get_client
@@ -79,28 +79,6 @@ class Cluster:
 
         with temporary_settings({PREFECT_API_URL: self.api}):
             return get_client(sync_client=True)
-
-
-def _wait_http(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            assert process.poll() is None, f"{process.args} exited"
-            assert time.monotonic() < deadline, f"{url} did not answer in {seconds} s"
-            time.sleep(1)
-
-
-def _start_prefect_server(cluster: Cluster) -> None:
-    port = free_port()
-    cluster.api = f"http://127.0.0.1:{port}/api"
-    env = cluster.env(PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")  # no 02:00 surprises
-    cluster.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host",
-                                     "127.0.0.1", "--port", str(port), "--analytics-off"],
-                  env, cluster.root)
-    _wait_http(f"{cluster.api}/health", cluster.processes[-1])
 
 
 def _deploy(cluster: Cluster, checkout: Path) -> None:
@@ -125,11 +103,14 @@ def _start_worker(cluster: Cluster, host: str, pool: str) -> None:
                                      "--name", host], env, folder)
 
 
-def _stop_all(cluster: Cluster) -> None:
-    """Workers first, then the servers: each by its own process group."""
+def _stop_workers(cluster: Cluster) -> None:
     for process in reversed(cluster.processes):
         stop_group(process, grace=15)
-    left = processes_with_env(MARKER, str(cluster.root))
+
+
+def _nothing_left(root: Path) -> None:
+    """After every server and worker stopped: no process of this module still runs."""
+    left = processes_with_env(MARKER, str(root))
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes left running: {left}"
@@ -141,14 +122,19 @@ def cluster(tmp_path_factory, repo_root):
     checkout = make_clone(repo_root, root / "checkout")
     origin = root / "origin.git"
     subprocess.run(["git", "clone", "-q", "--bare", str(checkout), str(origin)], check=True)
-    with ExitStack() as stack:
+    with ExitStack() as stack:  # stopped in reverse: workers, Prefect, MLflow, S3; then checked
+        stack.callback(_nothing_left, root)
         s3 = stack.enter_context(running_s3_server(root))
         mlflow = stack.enter_context(running_mlflow_server(f"sqlite:///{root / 'mlflow.db'}",
                                                            root))
-        cluster = Cluster(root, origin, "", mlflow, s3.env(),
+        port = free_port()
+        cluster = Cluster(root, origin, f"http://127.0.0.1:{port}/api", mlflow, s3.env(),
                           {"host-a": root / "host-a", "host-b": root / "host-b"})
-        stack.callback(_stop_all, cluster)
-        _start_prefect_server(cluster)
+        stack.enter_context(running_server(
+            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--analytics-off"], f"{cluster.api}/health", root, "prefect-server",
+            env=cluster.env(PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")))  # no 02:00 runs
+        stack.callback(_stop_workers, cluster)
         _deploy(cluster, checkout)
         _start_worker(cluster, "host-a", "bit-cpu")
         _start_worker(cluster, "host-b", "bit-gpu")
