@@ -32,6 +32,16 @@ def _mirror_url(local_key: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _host_port(endpoint: str | None) -> str | None:
+    """host:port, the form torchrun's rendezvous endpoint takes."""
+    if endpoint is None:
+        return None
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("write it as host:port, e.g. 10.0.0.1:29400")
+    return endpoint
+
+
 class DataConfig(_Section):
     """Where images come from and how they are split."""
 
@@ -110,7 +120,12 @@ class TrainConfig(_Section):
     eval_every: int = Field(100, ge=1)
     checkpoint_every: int = Field(0, ge=0)  # 0: only the final checkpoint
     workers: int = Field(0, ge=0)
-    processes: int = Field(1, ge=1)  # data-parallel processes on this host (torchrun + DDP)
+    processes: int = Field(1, ge=1)  # data-parallel processes per host (torchrun + DDP)
+    nodes: int = Field(1, ge=1)  # hosts training together, each running `processes` processes
+    rdzv_endpoint: Annotated[str | None, AfterValidator(_host_port)] = None  # nodes > 1: host:port
+    rdzv_id: str = Field("bit-finetune", min_length=1)  # the same on every node of one run
+    join_timeout: int = Field(600, ge=1)  # seconds all nodes have to join the rendezvous
+    peer_timeout: int = Field(60, ge=1)  # seconds without a sign of life before a process is lost
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -122,6 +137,14 @@ class TrainConfig(_Section):
             raise ValueError("schedule must list at least two increasing step numbers")
         if self.precrop and self.resolution and self.precrop < self.resolution:
             raise ValueError("precrop must be at least resolution")
+        world = self.nodes * self.processes
+        if (self.batch // self.batch_split) % world:
+            raise ValueError(f"micro-batch {self.batch // self.batch_split} (batch / batch_split) "
+                             f"is not divisible by {world} processes (nodes x processes): change "
+                             "train.batch")
+        if self.nodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"{self.nodes} nodes need train.rdzv_endpoint: set it to host:port "
+                             "of one of the nodes, the same on every node")
         return self
 
 
