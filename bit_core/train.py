@@ -8,6 +8,7 @@ exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import signal
@@ -33,8 +34,12 @@ StepCallback = Callable[[dict], None]
 log = logging.getLogger("bit")
 
 # Train settings that change how a run is watched, stopped or executed, not what it computes: a
-# checkpoint written under other values of these still resumes.
-RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile"})
+# checkpoint written under other values of these still resumes. The number of processes and
+# hosts is among them: the global batch and its per-image randomness do not depend on them (with
+# mixup they do, see Trainer.resumes).
+RESUME_NEUTRAL = frozenset({"stop_after", "eval_every", "checkpoint_every", "workers", "compile",
+                            "processes", "nodes", "rdzv_endpoint", "rdzv_id", "join_timeout",
+                            "peer_timeout"})
 
 
 def optimizer_kernel(device: torch.device) -> dict:
@@ -263,20 +268,45 @@ class Trainer:
         saved = {k: v for k, v in checkpoint.get("config", {}).items() if k not in RESUME_NEUTRAL}
         changed = sorted({k for k in recipe.keys() | saved.keys() if recipe.get(k) != saved.get(k)})
         changed += [k for k, v in self.checkpoint_meta.items() if checkpoint.get(k) != v]
+        # Mixup pairs the images of each process's share of a micro-batch among themselves.
+        if self.plan.mixup_alpha > 0 and checkpoint.get("world", 1) != self.world:
+            changed.append(f"processes in all ({checkpoint.get('world', 1)}, which pair images "
+                           "for mixup)")
         return f"it was written with other {', '.join(changed)}" if changed else None
 
     def resume(self, path: Path | None) -> bool:
-        """Continue from an interrupted run's checkpoint at `path` when :meth:`resumes` allows."""
-        if path is None or not Path(path).is_file():
-            return False
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        refusal = self.resumes(checkpoint)
-        if refusal:
-            log.info("not resuming from %s: %s", path, refusal)
+        """Continue from an interrupted run's checkpoint at `path` when :meth:`resumes` allows.
+
+        With several processes all continue from the same checkpoint: the latest any of them
+        can resume from, sent to the others (only rank 0 writes checkpoints, so on several hosts
+        the others have none)."""
+        local = None
+        if path is not None and Path(path).is_file():
+            local = torch.load(path, map_location="cpu", weights_only=True)
+            refusal = self.resumes(local)
+            if refusal:
+                log.info("not resuming from %s: %s", path, refusal)
+                local = None
+        checkpoint = self._shared(local) if self.world > 1 else local
+        if checkpoint is None:
             return False
         self.load_state_dict(checkpoint)
-        log.info("resuming from step %d of %s", self.state.step, path)
+        if checkpoint is local:
+            log.info("resuming from step %d of %s", self.state.step, path)
         return True
+
+    def _shared(self, checkpoint: dict | None) -> dict | None:
+        """The latest of the processes' checkpoints (rank order breaks ties), on every process."""
+        marks = [None] * self.world  # (step, digest of the losses that led there)
+        dist.all_gather_object(marks, (checkpoint["step"], hashlib.sha256(
+            repr(checkpoint["history"]).encode()).hexdigest()) if checkpoint else (-1, ""))
+        source = max(range(self.world), key=lambda rank: (marks[rank][0], -rank))
+        if marks[source][0] < 0 or len(set(marks)) == 1:
+            return checkpoint  # none anywhere, or one file all read (one host)
+        log.info("continuing from rank %d's checkpoint of step %d", source, marks[source][0])
+        shared = [checkpoint]
+        dist.broadcast_object_list(shared, src=source)
+        return shared[0]
 
     def state_dict(self) -> dict:
         """A self-describing checkpoint of the run so far."""
@@ -285,7 +315,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "step": self.state.step,
                 "schedule": self.plan.schedule, "history": self.state.history,
                 "evals": self.state.evals, "torch_rng": torch.get_rng_state(),
-                "config": self.cfg.model_dump(), **self.checkpoint_meta}
+                "config": self.cfg.model_dump(), "world": self.world, **self.checkpoint_meta}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Restore a checkpoint written by :meth:`state_dict`."""

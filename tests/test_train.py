@@ -50,6 +50,20 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_where_a_run_executes_does_not_stop_it_resuming_unless_mixup_pairs_by_process():
+    """Hosts, processes and their rendezvous are RESUME_NEUTRAL: every layout computes the same
+    global batch. Mixup pairs images within each process's share, so there the count matters."""
+    elsewhere = dict(nodes=2, processes=2, rdzv_endpoint="node-a:29400", rdzv_id="run-7",
+                     join_timeout=30, peer_timeout=30)
+    plain = _trainer(_cfg(mixup_alpha=0.0))
+    saved = {**plain.state_dict(), "config": _cfg(mixup_alpha=0.0, **elsewhere).model_dump(),
+             "world": 4}
+    assert plain.resumes(saved) is None
+    mixing = _trainer(_cfg())
+    assert mixing.resumes({**mixing.state_dict(), "world": 4}) == \
+        "it was written with other processes in all (4, which pair images for mixup)"
+
+
 def test_same_seed_same_curve_other_seed_differs():
     one, two, other = _trainer(_cfg()), _trainer(_cfg()), _trainer(_cfg(seed=4))
     for t in (one, two, other):
