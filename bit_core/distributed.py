@@ -1,17 +1,28 @@
-"""Multi-process data-parallel training (torchrun + DDP): gloo on CPU, nccl on CUDA, hccl on NPU.
+"""Multi-process data-parallel training (torchrun + DDP): gloo on CPU, nccl on CUDA, hccl on NPU,
+on one host or several (torchrun's c10d rendezvous).
 
 Each process reads its own slice of every micro-batch (see ``bit_core.train``), so N processes
-on a global batch B compute the same averaged gradient as one process on B.
+on a global batch B compute the same averaged gradient as one process on B, wherever they run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from bit_core.config import TrainConfig
+from bit_core.errors import ClusterError, Interrupted
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
@@ -20,9 +31,10 @@ BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 class World:
     """This process's place among the training processes."""
 
-    rank: int = 0
+    rank: int = 0  # global: among the processes of every node
     size: int = 1
-    local_rank: int = 0
+    local_rank: int = 0  # on this node
+    node: int = 0  # this node's rank in the rendezvous
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +66,9 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         getattr(torch, device.type).set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device.type))
-    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+    world = World(dist.get_rank(), dist.get_world_size(), local_rank,
+                  int(os.environ.get("GROUP_RANK", "0")))
+    return world, device
 
 
 def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
@@ -71,10 +85,222 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
-def launch(processes: int, argv: list[str]) -> dict[int, int]:
-    """Run ``python <argv>`` as `processes` workers on this host, as ``torchrun --standalone``
-    does but with its agent in this process; return the exit codes of the workers that failed,
-    by rank (empty when all succeeded).
+@contextlib.contextmanager
+def session(device: torch.device, peer_timeout: float = 60.0,
+            abandon: Callable[[ClusterError], None] | None = None
+            ) -> Iterator[tuple[World, torch.device]]:
+    """:func:`init`, the block, then the end of the process group (as :func:`finish`, also
+    after a stop signal); yields (world, device).
+
+    With several processes, a :class:`Heartbeat` watches the others meanwhile. When a collective
+    fails because a process is gone, the block's error becomes a :class:`ClusterError` naming
+    it. A process that stays silent for `peer_timeout` seconds while this one's main thread
+    cannot notice (it waits in a collective on a host that vanished without closing its
+    connections) is named to `abandon` from the watching thread, which should end the process.
+    """
+    world, device = init(device)
+    if world.size == 1:
+        yield world, device
+        return
+    heartbeat, clean = Heartbeat(world, peer_timeout, abandon), False
+    try:
+        yield world, device
+        dist.barrier()  # all beat until here, however long rank 0 took to get here
+        clean = True
+    except Interrupted:  # every process stopped at the same step, after a barrier
+        clean = True
+        raise
+    except RuntimeError:  # gloo, nccl and hccl report a vanished peer as this
+        lost = heartbeat.explain()
+        if lost is None:
+            raise
+        raise lost from None
+    finally:
+        heartbeat.stop(finished=clean)
+        if clean:
+            dist.destroy_process_group()
+
+
+BEAT_SECONDS = 1.0
+# After a collective failed, silence this long (or peer_timeout, if shorter) names a process lost.
+CONFIRM_SECONDS = 10.0
+STORE_SECONDS = 5.0  # timeout of one heartbeat request to the store
+GRACE_SECONDS = 2.0  # how long the main thread has to take up a loss before `abandon` is called
+FINISHED = b"finished"
+
+
+class Heartbeat:
+    """Every process counts up its key in the job's store (torchrun's, on rank 0's node) each
+    second and watches the other counts. A process whose count stops is lost: its host died or
+    lost the network, or the process was killed. A store that stops answering means rank 0's
+    node is lost. Collectives alone cannot say this: gloo reports a broken connection to an
+    address, and a host that vanishes without closing its connections leaves a collective waiting
+    for the process-group timeout (30 minutes by default), which must stay long because rank 0
+    evaluates while the others wait.
+    """
+
+    def __init__(self, world: World, timeout: float,
+                 abandon: Callable[[ClusterError], None] | None):
+        self.world, self.timeout, self.abandon = world, timeout, abandon
+        self.store_host = os.environ["MASTER_ADDR"]
+        store = dist.TCPStore(self.store_host, int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=STORE_SECONDS))
+        self._store = dist.PrefixStore("bit/heartbeat", store)
+        self._store.set(f"where/{world.rank}", f"{world.node} {socket.gethostname()}")
+        self._store.add(f"beat/{world.rank}", 1)
+        now = time.monotonic()
+        self._seen = {rank: (b"", now) for rank in range(world.size)}  # last count, when it changed
+        self._answered = now  # when the store last answered
+        self._where: list[str] = []
+        self._failed_at: float | None = None
+        self.lost: ClusterError | None = None
+        self._stopping, self._found, self._claimed = (threading.Event() for _ in range(3))
+        self._thread = threading.Thread(target=self._watch, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(BEAT_SECONDS):
+            now = time.monotonic()
+            try:
+                self._beat(now)
+            except dist.DistNetworkError:  # the store closed the connection: its host is gone
+                self._answered = -math.inf
+            except Exception:  # noqa: BLE001 - a store that does not answer is a finding
+                pass
+            self.lost = self._lost(now)
+            if self.lost is not None:
+                self._found.set()
+                if not self._claimed.wait(GRACE_SECONDS) and self.abandon is not None:
+                    self.abandon(self.lost)
+                return
+
+    def _beat(self, now: float) -> None:
+        """Count up this process's key; note whose counts moved since the last look."""
+        others = [rank for rank in range(self.world.size) if rank != self.world.rank]
+        self._store.add(f"beat/{self.world.rank}", 1)
+        counts = self._store.multi_get([f"beat/{rank}" for rank in others])
+        self._where = self._where or [where.decode() for where in self._store.multi_get(
+            [f"where/{rank}" for rank in range(self.world.size)])]
+        self._answered = now
+        for rank, count in zip(others, counts):
+            if count != self._seen[rank][0]:
+                self._seen[rank] = (count, now)
+
+    def _lost(self, now: float) -> ClusterError | None:
+        limit = min(self.timeout, CONFIRM_SECONDS) if self._failed_at else self.timeout
+        fix = "run the stage again on every node: it resumes from the last checkpoint"
+        if now - self._answered > limit:
+            return ClusterError(f"lost node 0 (host {self.store_host}, with rank 0 and the job's "
+                                f"store): it stopped answering; {fix}")
+        silent = [rank for rank, (count, seen) in self._seen.items()
+                  if count != FINISHED and now - seen > limit and rank != self.world.rank]
+        if not silent:
+            return None
+        return ClusterError(f"lost {self._name(silent)}: no sign of life for {limit:.0f} s; {fix}")
+
+    def _name(self, ranks: list[int]) -> str:
+        """'node 1 (host b, ranks 8, 9)', node by node."""
+        where = self._where or ["? ?"] * self.world.size  # (node, host) of each rank
+        named = []
+        for place in sorted({where[rank] for rank in ranks}):
+            node, host = place.split(" ", 1)
+            here = [str(rank) for rank in ranks if where[rank] == place]
+            named.append(f"node {node} (host {host}, rank{'s' if len(here) > 1 else ''} "
+                         f"{', '.join(here)})")
+        return "; ".join(named)
+
+    def explain(self) -> ClusterError | None:
+        """After a collective failed: the lost processes that explain it, or None when every
+        other process shows it is alive."""
+        self._failed_at = time.monotonic()
+        deadline = self._failed_at + CONFIRM_SECONDS + STORE_SECONDS + 2 * BEAT_SECONDS
+        while not self._found.wait(BEAT_SECONDS / 4):
+            if all(count == FINISHED or seen > self._failed_at
+                   for rank, (count, seen) in self._seen.items() if rank != self.world.rank) \
+                    or time.monotonic() > deadline:
+                return None
+        self._claimed.set()
+        return self.lost
+
+    def stop(self, finished: bool) -> None:
+        """Stop beating; `finished`: tell the others this process ended well, not lost."""
+        self._claimed.set()
+        self._stopping.set()
+        if finished:
+            with contextlib.suppress(Exception):
+                self._store.set(f"beat/{self.world.rank}", FINISHED)
+
+
+RENDEZVOUS = "c10d-fixed-nodes"  # torchrun's c10d rendezvous for a fixed set of nodes
+CLOSE_SECONDS = 10.0  # closing the rendezvous takes milliseconds; its host may be gone
+
+
+def _rendezvous_handler(params):
+    """torchrun's c10d rendezvous handler (same backend, same store), except that the agent
+    leaves it alone while the workers run, and gives up closing it after CLOSE_SECONDS.
+
+    torchrun's agent asks the rendezvous every monitor interval whether nodes are waiting to
+    join, to restart the workers with them. The nodes here are fixed, a lost one is for the
+    workers to find and name (:class:`Heartbeat`), and that question is where a vanished
+    rendezvous host hurts: the store request fails and ends the agent, which then stops its
+    workers before they can say which node was lost; or, when the host stops answering without
+    closing the connection, the request can wait for ever (torch 2.14). A node that arrives while
+    the workers run waits for the next run, up to its join timeout.
+    """
+    from torch.distributed.elastic.rendezvous import RendezvousHandler
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    class FixedNodes(RendezvousHandler):
+        def __init__(self, inner: RendezvousHandler):
+            self.inner = inner
+
+        @property
+        def use_agent_store(self) -> bool:
+            return self.inner.use_agent_store
+
+        def num_nodes_waiting(self) -> int:
+            return 0
+
+        def shutdown(self) -> bool:
+            closed = []
+            closing = threading.Thread(target=lambda: closed.append(self.inner.shutdown()),
+                                       daemon=True)
+            closing.start()
+            closing.join(CLOSE_SECONDS)
+            return bool(closed and closed[0])
+
+        def get_backend(self) -> str:
+            return RENDEZVOUS
+
+        def next_rendezvous(self):
+            return self.inner.next_rendezvous()
+
+        def is_closed(self) -> bool:
+            return self.inner.is_closed()
+
+        def set_closed(self) -> None:
+            self.inner.set_closed()
+
+        def get_run_id(self) -> str:
+            return self.inner.get_run_id()
+
+    backend, store = create_backend(params)
+    return FixedNodes(create_handler(store, backend, params))
+
+
+def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
+    """Run ``python <argv>`` as `cfg.processes` workers on this host, as torchrun does but with
+    its agent in this process; return the exit codes of the workers that failed, by global rank
+    (empty when all succeeded).
+
+    With ``cfg.rdzv_endpoint`` the workers of `cfg.nodes` hosts, each running this with the same
+    settings, meet in torchrun's c10d rendezvous there (``torchrun --nnodes --rdzv-backend=c10d
+    --rdzv-endpoint --rdzv-id``, through :func:`_rendezvous_handler`): the node at the endpoint
+    hosts it, and all wait up to ``cfg.join_timeout`` seconds for the others. The rendezvous
+    numbers the nodes (by host name), so rank 0, which alone writes, can be on any of them.
+    Without an endpoint: ``torchrun --standalone``. Nothing is restarted (``--max-restarts=0``):
+    a retry resumes from the checkpoint instead.
 
     How the agent stops workers (torch 2.14, ``torch/distributed/elastic``): each worker runs in
     a session of its own, so a signal sent to this process's group reaches the workers only
@@ -87,14 +313,43 @@ def launch(processes: int, argv: list[str]) -> dict[int, int]:
     process, so the agent is still there to kill workers that overrun.
 
     Raises:
+        ClusterError: the nodes did not all join the rendezvous in time, it is unreachable, or
+            its run has ended.
         torch.distributed.elastic.multiprocessing.SignalException: this process got one of the
             signals above (the workers were passed it and have exited, or were killed).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import (RendezvousClosedError,
+                                                      RendezvousConnectionError,
+                                                      RendezvousTimeoutError,
+                                                      rendezvous_handler_registry)
     from torch.distributed.run import parse_args, run
 
+    where = ["--standalone"]
+    if cfg.rdzv_endpoint:
+        rendezvous_handler_registry.register(RENDEZVOUS, _rendezvous_handler)
+        # read_timeout: how long a request to the rendezvous's store may take, and so how long
+        # the others wait for the node at the endpoint to start (default 60 s).
+        timeouts = f"join_timeout={cfg.join_timeout},read_timeout={cfg.join_timeout}"
+        where = [f"--nnodes={cfg.nodes}", f"--rdzv-backend={RENDEZVOUS}",
+                 f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={cfg.rdzv_id}",
+                 f"--rdzv-conf={timeouts}"]
+    meeting = f"rendezvous {cfg.rdzv_id!r} at {cfg.rdzv_endpoint}"
     try:
-        run(parse_args(["--standalone", f"--nproc-per-node={processes}", *argv]))
+        run(parse_args([*where, f"--nproc-per-node={cfg.processes}", "--max-restarts=0", *argv]))
     except ChildFailedError as failed:
         return {rank: failure.exitcode for rank, failure in failed.failures.items()}
+    except RendezvousTimeoutError:
+        raise ClusterError(f"not all {cfg.nodes} nodes joined the {meeting} within "
+                           f"{cfg.join_timeout} s: start this stage on every node with the same "
+                           "train.nodes, train.rdzv_endpoint and train.rdzv_id, or raise "
+                           "train.join_timeout") from None
+    except RendezvousConnectionError:
+        raise ClusterError(f"cannot reach the {meeting} within {cfg.join_timeout} s: start "
+                           "the stage on the node at train.rdzv_endpoint too (it holds the "
+                           "rendezvous), and check that host:port is that node's and reachable "
+                           "from here") from None
+    except RendezvousClosedError:
+        raise ClusterError(f"the {meeting} is closed: its run has ended; start every node "
+                           "again, or set another train.rdzv_id") from None
     return {}

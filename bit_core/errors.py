@@ -41,10 +41,15 @@ class Interrupted(RuntimeError):
     """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
 
 
+class ClusterError(RuntimeError):
+    """Training processes on several hosts could not meet, or one of them was lost; the message
+    names the rendezvous or the lost process and what to do."""
+
+
 class WeightsError(ValueError):
     """A checkpoint that cannot be used as it is; the message names the problem and the fix."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ContractError, DataError, DeviceError, DownloadError, ParityError, OMError,
-    Interrupted, WeightsError, FileNotFoundError)
+    Interrupted, ClusterError, WeightsError, FileNotFoundError)

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from bit_core.config import Params, load_params
 from bit_core.errors import USER_ERRORS
@@ -36,6 +37,17 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     try:
         run(args, read_params())
     except USER_ERRORS as err:
-        print(f"error: {name}: {redact(str(err))}", file=sys.stderr)
+        print(error_line(name, err), file=sys.stderr)
         return 2
     return 0
+
+
+def error_line(name: str, err: BaseException) -> str:
+    """How a stage reports an error that is the user's to fix: one line."""
+    return f"error: {name}: {redact(str(err))}"
+
+
+def exit_now(name: str, err: BaseException) -> NoReturn:
+    """Report `err` as :func:`stage_main` does and end this process at once, from any thread."""
+    print(error_line(name, err), file=sys.stderr, flush=True)
+    os._exit(2)

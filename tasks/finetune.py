@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import os
 import shutil
@@ -16,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from bit_core import create_model, distributed
-from bit_core.config import Params
+from bit_core.config import Params, TrainConfig
 from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.data import ImageListDataset, eval_transform, train_transform
 from bit_core.device import resolve_device
+from bit_core.errors import ClusterError
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.hyperrule import resolve_resolution
 from bit_core.io import atomic_path, atomic_write, atomic_write_json
@@ -27,7 +29,7 @@ from bit_core.plots import plot_loss
 from bit_core.splits import fingerprint, read_classes, read_split
 from bit_core.train import Trainer
 from tasks import tracking
-from tasks.common import log, read_params, stage_main
+from tasks.common import error_line, exit_now, log, read_params, stage_main
 
 CACHE_LIMIT = 100_000  # keep decoded images in memory for data sets up to this size
 
@@ -119,22 +121,11 @@ def _weights_identity(weights_dir: Path) -> str:
     return json.loads(source.read_text()).get("sha256", "none") if source.is_file() else "none"
 
 
-def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
-             reports: Path, resume_dir: Path | None = None) -> dict:
-    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
-
-    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
-    survives the stage being re-run); a later run with the same parameters resumes from it and
-    continues its MLflow run. The run ends FINISHED, KILLED when stopped by a signal (the
-    checkpoint is kept), or FAILED.
-
-    Under torchrun every process trains on its slice of each batch; the first process alone
-    evaluates, logs to MLflow and writes files.
-    """
+def _trainer(params: Params, world: distributed.World, device: torch.device, datasets: tuple,
+             splits: Path, weights_dir: Path) -> Trainer:
+    """The model (from the fetched weights, if any) and its Trainer; rank 0 evaluates."""
     cfg = params.train
-    torch.manual_seed(cfg.seed)
-    train_set, val_set, classes, sizes = _datasets(params, data_root, splits)
-    world, device = distributed.init(resolve_device(cfg.device))
+    train_set, val_set, classes, (precrop, crop) = datasets
     weights = weights_dir / WEIGHTS_FILE
     model = create_model(params.model.name, num_classes=len(classes),
                          weights=weights if weights.is_file() else None).to(device)
@@ -146,16 +137,36 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
         logits, labels = predict_all(predict, _loader(val_set, 64, cfg.workers))
         return {f"val_{k}": v for k, v in topk_accuracy(logits, labels).items()}
 
-    meta = {"model_name": params.model.name, "classes": classes, "resolution": sizes[1],
-            "precrop": sizes[0], "num_classes": len(classes), "data": fingerprint(splits),
+    meta = {"model_name": params.model.name, "classes": classes, "resolution": crop,
+            "precrop": precrop, "num_classes": len(classes), "data": fingerprint(splits),
             "weights": _weights_identity(weights_dir)}
-    trainer = Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
-                      checkpoint_meta=meta, evaluate=evaluate, rank=world.rank, world=world.size)
-    resume_file = resume_dir / CHECKPOINT if resume_dir else None
-    if resume_dir is not None and world.is_main:
-        _describe_resume_dir(resume_dir)
-    resumed = trainer.resume(resume_file)
-    try:
+    return Trainer(distributed.wrap(model, world, device), train_set, cfg, device,
+                   checkpoint_meta=meta, evaluate=evaluate, rank=world.rank, world=world.size)
+
+
+def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, out: Path,
+             reports: Path, resume_dir: Path | None = None) -> dict:
+    """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
+
+    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
+    survives the stage being re-run); a later run with the same parameters resumes from it and
+    continues its MLflow run. The run ends FINISHED, KILLED when stopped by a signal (the
+    checkpoint is kept), or FAILED.
+
+    Under torchrun every process, on this host or others, trains on its slice of each batch;
+    global rank 0 alone evaluates, logs to MLflow and writes files. A lost process ends the
+    others with one line naming it.
+    """
+    cfg = params.train
+    torch.manual_seed(cfg.seed)
+    datasets = _datasets(params, data_root, splits)
+    with distributed.session(resolve_device(cfg.device), cfg.peer_timeout,
+                             functools.partial(exit_now, "finetune")) as (world, device):
+        trainer = _trainer(params, world, device, datasets, splits, weights_dir)
+        resume_file = resume_dir / CHECKPOINT if resume_dir else None
+        if resume_dir is not None and world.is_main:
+            _describe_resume_dir(resume_dir)
+        resumed = trainer.resume(resume_file)
         if not world.is_main:
             _fit(trainer, resume_file, out, None)
             return {}
@@ -163,6 +174,7 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
                                    f"{params.model.name}-{params.data.source}",
                                    continue_from=resume_dir if resumed else None,
                                    record_in=resume_dir) as run:
+            train_set, _, classes, sizes = datasets
             run.log_params(_plan_params(params, trainer, sizes, world, device, train_set, classes))
             trainer.on_eval = lambda m: run.log_metrics(
                 {k: v for k, v in m.items() if k != "step"}, step=m["step"])
@@ -174,8 +186,6 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
             run.log_artifact(out / CHECKPOINT, "checkpoint")
             tracking.write_run_file(out, run.id)
         return metrics
-    finally:
-        distributed.finish()
 
 
 def _fit(trainer: Trainer, resume_file: Path | None, out: Path, run) -> tuple:
@@ -217,8 +227,9 @@ def _write_reports(params: Params, state, seconds: float, reports: Path) -> dict
     return metrics
 
 
-def relaunch_with_torchrun(processes: int, argv: list[str]) -> int:
-    """Run this stage again as `processes` torchrun workers on this host; return the exit code.
+def relaunch_with_torchrun(cfg: TrainConfig, argv: list[str]) -> int:
+    """Run this stage again as `cfg.processes` torchrun workers on this host, which meet the
+    workers of the other `cfg.nodes` hosts at `cfg.rdzv_endpoint`; return the exit code.
 
     A worker reports its own errors and stops in one line (exit code 2); the others are then
     stopped with SIGTERM. Any other failure is named here.
@@ -226,9 +237,12 @@ def relaunch_with_torchrun(processes: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing import SignalException
 
     try:
-        failed = distributed.launch(processes, ["-m", "tasks.finetune", *argv])
+        failed = distributed.launch(cfg, ["-m", "tasks.finetune", *argv])
     except SignalException as stop:  # passed on to the workers, which say where they stopped
         return 128 + stop.sigval
+    except ClusterError as err:
+        print(error_line("finetune", err), file=sys.stderr)
+        return 2
     if not failed:
         return 0
     crashed = {rank: code for rank, code in failed.items() if code not in (2, -signal.SIGTERM)}
@@ -262,17 +276,18 @@ def _run(args: argparse.Namespace, params: Params) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    processes = _requested_processes()
-    if processes > 1 and not distributed.launched_by_torchrun():
-        return relaunch_with_torchrun(processes, argv)
+    cfg = _train_settings()
+    if cfg is not None and cfg.nodes * cfg.processes > 1 \
+            and not distributed.launched_by_torchrun():
+        return relaunch_with_torchrun(cfg, argv)
     return stage_main("finetune", _args, _run, argv)
 
 
-def _requested_processes() -> int:
+def _train_settings() -> TrainConfig | None:
     try:
-        return read_params().train.processes
+        return read_params().train
     except Exception:  # noqa: BLE001 - stage_main reports params errors properly
-        return 1
+        return None
 
 
 if __name__ == "__main__":
