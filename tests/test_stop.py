@@ -12,92 +12,18 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from flows.overrides import apply_overrides
-from tests.conftest import processes_with_env
+from tests.finetune_runs import Stage, finish, wait_for
 
 # Ends at stop_after: the schedule is long, so a stop never lands at its end by chance.
 SETTINGS = ["train.device=cpu", "train.resolution=16", "train.precrop=20", "train.batch=8",
             "train.schedule=[2, 30, 40]", "train.stop_after=6", "train.eval_every=100",
             "train.checkpoint_every=2"]
 FIRST_CHECKPOINT, LAST_STEP = 2, 6
-TIMEOUT = 120.0  # generous: the host may be busy
-MARK = "BIT_TEST_STAGE_RUN"  # in the environment of every process a stage run starts
-
-
-@dataclass(frozen=True)
-class Stage:
-    """The fine-tune stage on the prepared digits, each run in a directory of its own."""
-
-    inputs: Path
-    tracking_uri: str
-
-    @contextlib.contextmanager
-    def start(self, run: Path, overrides: list[str]) -> Iterator[subprocess.Popen]:
-        """The running stage, writing under `run`; on exit, everything it started is killed,
-        whatever its process group."""
-        run.mkdir(exist_ok=True)
-        params = run / "params.yaml"
-        params.write_text((self.inputs / "params.yaml").read_text())
-        apply_overrides(params, SETTINGS + overrides)
-        command = [sys.executable, "-m", "tasks.finetune", "--data", str(self.inputs / "data/raw"),
-                   "--splits", str(self.inputs / "data/prepared"),
-                   "--weights", str(self.inputs / "models/pretrained"), "--out", str(run / "out"),
-                   "--reports", str(run / "reports"), "--resume-dir", str(run / "resume")]
-        env = {**os.environ, "BIT_PARAMS": str(params), "MLFLOW_TRACKING_URI": self.tracking_uri,
-               MARK: str(run)}
-        with open(run / "stdout.txt", "w") as out, open(run / "stderr.txt", "w") as err:
-            process = subprocess.Popen(command, cwd=run, env=env, stdout=out, stderr=err,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            yield process
-        finally:
-            _kill_all(process, str(run))
-
-    def complete(self, run: Path, overrides: list[str]) -> dict:
-        """Run to the end; the final checkpoint."""
-        with self.start(run, overrides) as process:
-            code, stderr = _finish(process, run)
-        assert code == 0, stderr
-        return torch.load(run / "out/checkpoint.pt", weights_only=True)
-
-
-def _kill_all(process: subprocess.Popen, mark: str) -> None:
-    """SIGKILL the stage and everything it started: torchrun's ranks run in sessions of their
-    own and outlive a stage that died first, so they are found by the mark in their environment."""
-    deadline = time.monotonic() + TIMEOUT
-    while pids := processes_with_env(MARK, mark):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        assert time.monotonic() < deadline, f"processes {sorted(pids)} outlive SIGKILL"
-        time.sleep(0.1)
-    process.wait()
-
-
-def _wait_for(condition, process: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        assert process.poll() is None, f"the stage exited (code {process.returncode}) before {what}"
-        assert time.monotonic() < deadline, f"no {what} after {TIMEOUT:.0f} s"
-        time.sleep(0.05)
-
-
-def _finish(process: subprocess.Popen, run: Path) -> tuple[int, str]:
-    try:
-        code = process.wait(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the stage did not exit within {TIMEOUT:.0f} s")
-    return code, (run / "stderr.txt").read_text()
 
 
 def _ranks(process: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -116,9 +42,9 @@ def _stop(stage: Stage, run: Path, overrides: list[str], send_stop,
     that it stopped cleanly; the checkpoint it left and its error lines."""
     resume = run / "resume/checkpoint.pt"
     with stage.start(run, overrides) as process:
-        _wait_for(resume.is_file, process, "periodic checkpoint")
+        wait_for(resume.is_file, process, "periodic checkpoint")
         send_stop(process)
-        code, stderr = _finish(process, run)
+        code, stderr = finish(process, run)
     saved = torch.load(resume, weights_only=True)
     line = (f"error: finetune: stopped by signal {signal.SIGTERM.value} at step {saved['step']}; "
             f"checkpoint written to {resume}")
@@ -142,7 +68,7 @@ def _resume(stage: Stage, run: Path, overrides: list[str], saved: dict, straight
 @pytest.fixture(scope="module")
 def stage(digits_inputs, tmp_path_factory) -> Stage:
     tracking = tmp_path_factory.mktemp("tracking") / "mlflow.db"
-    return Stage(digits_inputs, f"sqlite:///{tracking}")
+    return Stage(digits_inputs, f"sqlite:///{tracking}", SETTINGS)
 
 
 @pytest.fixture(scope="module")
