@@ -190,8 +190,9 @@ class Heartbeat:
         limit = min(self.timeout, CONFIRM_SECONDS) if self._failed_at else self.timeout
         fix = "run the stage again on every node: it resumes from the last checkpoint"
         if now - self._answered > limit:
-            return ClusterError(f"lost node 0 (host {self.store_host}, with rank 0 and the job's "
-                                f"store): it stopped answering; {fix}")
+            host = self._where[0].split(" ", 1)[1] if self._where else self.store_host
+            return ClusterError(f"lost node 0 (host {host}, with rank 0 and the job's store): "
+                                f"it stopped answering; {fix}")
         silent = [rank for rank, (count, seen) in self._seen.items()
                   if count != FINISHED and now - seen > limit and rank != self.world.rank]
         if not silent:
