@@ -388,6 +388,7 @@ def test_the_served_champion_answers_as_bit_predict_does(pipeline, monkeypatch):
     import time
     import urllib.request
 
+    from tasks import environment
     from tests.conftest import BIN, free_port, stop_group
 
     work = pipeline[0]
@@ -399,7 +400,7 @@ def test_the_served_champion_answers_as_bit_predict_does(pipeline, monkeypatch):
         server = subprocess.Popen(
             [str(BIN / "mlflow"), "models", "serve", "-m", "models:/bit-classifier@champion",
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-            cwd=work, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+            cwd=work, env=environment.tool_env(), stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         body = json.dumps({"dataframe_records": [
