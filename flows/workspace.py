@@ -254,8 +254,8 @@ def restorable(root: str | Path, stage: str) -> bool:
             if not _can_hash(found):
                 return False
             if not found.changed_stage() and found.deps_cached() and \
-                    all(out.hash_info for out in found.outs):
-                return True  # dvc.lock itself records this run; only its outputs are missing
+                    all(out.hash_info and not out.changed_cache() for out in found.outs):
+                return True  # dvc.lock records this run and the host cache holds its outputs
             found.save_deps()
             return repo.stage_cache._load(found) is not None  # noqa: SLF001
     except Exception:  # noqa: BLE001 - when in doubt, the stage runs
