@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from bit_core.config import Params
+from bit_core.config import Params, RegistryConfig
 from bit_core.errors import ConfigError
 from bit_core.redact import redact
 from bit_core.serving import ImageClassifier, ImageError, Prediction, load_image
+from tasks.register import CHALLENGER, CHAMPION
 
 BATCH = 32
-ALIASES = ("champion", "challenger")
 
 
 @dataclass(frozen=True)
@@ -80,8 +80,8 @@ def open_model(spec: str, params: Params | None) -> ImageClassifier:
             raise ConfigError(f"model file {path} does not exist: give an exported .onnx or a "
                               "fine-tuned checkpoint.pt")
         return ImageClassifier(path) if path.suffix == ".onnx" else CheckpointClassifier(path)
-    if spec in ALIASES or spec.isdigit():
-        name = params.registry.model_name if params else "bit-classifier"
+    if spec in (CHAMPION, CHALLENGER) or spec.isdigit():
+        name = (params.registry if params else RegistryConfig()).model_name
         return ImageClassifier(_registered_onnx(name, spec))
     raise ConfigError(f"--model {spec}: give champion, challenger, a version number, or an "
                       ".onnx / .pt file")

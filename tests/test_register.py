@@ -197,7 +197,13 @@ def test_two_registers_at_once_leave_the_right_champion(tmp_path, mlflow_server,
              "--out", str(run / f"registry{round_}.json")], env=env, cwd=repo_root,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             for run in (runs if round_ == 0 else runs[::-1])]
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
+        try:
+            outputs = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:  # each register this test started is gone when it leaves
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         assert [p.returncode for p in procs] == [0, 0], outputs
         client = MlflowClient(mlflow_server)
         champion = client.get_model_version_by_alias("raced", CHAMPION)
