@@ -21,8 +21,6 @@ from bench import SECTIONS
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MODULES = {"train": "training", "infer": "inference", "flops": "measure", "data": "dataload",
            "overhead": "overhead"}
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-         "amx_int8")
 VERSIONS = ("torch", "timm", "onnxruntime", "dvc", "prefect")
 
 
@@ -99,28 +97,18 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cpu() -> tuple[str, set[str]]:
-    """The CPU model and its flags, as the kernel reports them in /proc/cpuinfo."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name" and model == "unknown":
-            model = value
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, flags
-
-
 def describe(threads: int) -> dict:
     """What the numbers were measured on, stored with them."""
     import torch
 
-    model, flags = cpu()
+    from bit_core.device import CPU_FLAGS, cpu_units
+
+    units = cpu_units()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    return {"cpu_model": model, "flags": {f: f in flags for f in FLAGS},
-            "flags_source": "/proc/cpuinfo", "amx": {"amx_tile", "amx_bf16"} <= flags,
-            "hypervisor": "hypervisor" in flags, "usable_cores": len(os.sched_getaffinity(0)),
+    return {"cpu_model": units.model, "flags": {f: f in units.flags for f in CPU_FLAGS},
+            "flags_source": "/proc/cpuinfo", "amx": units.amx_bf16,
+            "hypervisor": "hypervisor" in units.flags, "usable_cores": len(os.sched_getaffinity(0)),
             "threads": threads,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bit_core.device import DeviceError, resolve_device, resolve_precision
+from bit_core.device import DeviceError, cpu_units, parse_cpuinfo, resolve_device, resolve_precision
 
 
 def _npu_visible() -> bool:
@@ -71,3 +71,34 @@ def test_finetune_stage_reports_missing_device(tmp_path, repo_root, monkeypatch,
                           "--weights", str(tmp_path), "--out", str(tmp_path / "out"),
                           "--reports", str(tmp_path / "rep")])
     assert code == 2 and "no CUDA GPU" in capsys.readouterr().err
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8
+processor\t: 1
+model name\t: other
+flags\t\t: fpu
+"""
+
+
+def test_cpu_units_read_from_cpuinfo():
+    units = parse_cpuinfo(CPUINFO)
+    assert units.model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert units.amx_bf16 and units.amx_int8 and units.avx512_bf16 and units.vnni
+    assert units.fast_bf16 and units.fast_int8
+    assert units.describe() == "AMX-bf16, AMX-int8, avx512_bf16, VNNI"
+
+
+def test_a_cpu_without_matrix_units_says_so():
+    units = parse_cpuinfo("model name : old\nflags : fpu sse2 avx2\n")
+    assert not (units.fast_bf16 or units.fast_int8 or units.amx_bf16)
+    assert units.describe() == "no AMX-bf16, no AMX-int8, no avx512_bf16, no VNNI"
+    assert parse_cpuinfo("").model == "unknown"
+
+
+def test_this_hosts_units_agree_with_torchs_probes():
+    units = cpu_units()
+    assert units.amx_bf16 == torch.cpu._is_amx_tile_supported()
+    assert units.avx512_bf16 == torch.cpu._is_avx512_bf16_supported()
