@@ -122,7 +122,7 @@ class TrainConfig(_Section):
     workers: int = Field(0, ge=0)
     processes: int = Field(1, ge=1)  # data-parallel processes per host (torchrun + DDP)
     nodes: int = Field(1, ge=1)  # hosts training together, each running `processes` processes
-    rdzv_endpoint: Annotated[str | None, AfterValidator(_host_port)] = None  # nodes > 1: host:port
+    rdzv_endpoint: Annotated[str | None, AfterValidator(_host_port)] = None  # nodes > 1: host:port, or BIT_RDZV_ENDPOINT
     rdzv_id: str = Field("bit-finetune", min_length=1)  # the same on every node of one run
     join_timeout: int = Field(600, ge=1)  # seconds all nodes have to join the rendezvous
     peer_timeout: int = Field(60, ge=1)  # seconds without a sign of life before a process is lost
@@ -142,9 +142,6 @@ class TrainConfig(_Section):
             raise ValueError(f"micro-batch {self.batch // self.batch_split} (batch / batch_split) "
                              f"is not divisible by {world} processes (nodes x processes): change "
                              "train.batch")
-        if self.nodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(f"{self.nodes} nodes need train.rdzv_endpoint: set it to host:port "
-                             "of one of the nodes, the same on every node")
         return self
 
 

@@ -190,14 +190,21 @@ class Heartbeat:
         limit = min(self.timeout, CONFIRM_SECONDS) if self._failed_at else self.timeout
         fix = "run the stage again on every node: it resumes from the last checkpoint"
         if now - self._answered > limit:
-            host = self._where[0].split(" ", 1)[1] if self._where else self.store_host
-            return ClusterError(f"lost node 0 (host {host}, with rank 0 and the job's store): "
-                                f"it stopped answering; {fix}")
+            return ClusterError(f"lost {self._store_node()}: it stopped answering; {fix}")
         silent = [rank for rank, (count, seen) in self._seen.items()
                   if count != FINISHED and now - seen > limit and rank != self.world.rank]
         if not silent:
             return None
         return ClusterError(f"lost {self._name(silent)}: no sign of life for {limit:.0f} s; {fix}")
+
+    def _store_node(self) -> str:
+        """'node 0 (host a, with rank 0 and the job's store)': the node that holds the store
+        (the rendezvous's first node, which is rank 0's unless the nodes chose their ranks)."""
+        node = int(os.environ.get(STORE_NODE_ENV, "0"))
+        hosts = [place.split(" ", 1)[1] for place in self._where if place.split(" ")[0] == str(node)]
+        ranks = [rank for rank, place in enumerate(self._where) if place.split(" ")[0] == str(node)]
+        holds = "rank 0 and the job's store" if 0 in ranks or not self._where else "the job's store"
+        return f"node {node} (host {hosts[0] if hosts else self.store_host}, with {holds})"
 
     def _name(self, ranks: list[int]) -> str:
         """'node 1 (host b, ranks 8, 9)', node by node."""
@@ -233,6 +240,12 @@ class Heartbeat:
 
 
 RENDEZVOUS = "c10d-fixed-nodes"  # torchrun's c10d rendezvous for a fixed set of nodes
+# Where the nodes of one run meet, when whoever starts them (the Prefect flow) chooses it per run
+# rather than in params.yaml: host:port, the rendezvous id, and this node's rank (0 for the node
+# that is to hold global rank 0 and write the outputs). They override train.rdzv_endpoint and
+# train.rdzv_id; like those, they do not change what is trained.
+ENDPOINT_ENV, RDZV_ID_ENV, NODE_RANK_ENV = "BIT_RDZV_ENDPOINT", "BIT_RDZV_ID", "BIT_NODE_RANK"
+STORE_NODE_ENV = "BIT_STORE_NODE"  # set for the workers: the node whose host holds the store
 CLOSE_SECONDS = 10.0  # closing the rendezvous takes milliseconds; its host may be gone
 
 
@@ -275,7 +288,13 @@ def _rendezvous_handler(params):
             return RENDEZVOUS
 
         def next_rendezvous(self):
-            return self.inner.next_rendezvous()
+            from torch.distributed.elastic.rendezvous import RendezvousInfo
+
+            info = self.inner.next_rendezvous()
+            ranks = agreed_node_ranks(info.store, info.rank, info.world_size, node_rank)
+            os.environ[STORE_NODE_ENV] = str(ranks[0])  # inherited by the workers
+            return RendezvousInfo(info.store, ranks[info.rank], info.world_size,
+                                  info.bootstrap_store_info)
 
         def is_closed(self) -> bool:
             return self.inner.is_closed()
@@ -286,8 +305,49 @@ def _rendezvous_handler(params):
         def get_run_id(self) -> str:
             return self.inner.get_run_id()
 
+    node_rank = params.get_as_int("node_rank")
     backend, store = create_backend(params)
     return FixedNodes(create_handler(store, backend, params))
+
+
+def agreed_node_ranks(store, rank: int, nodes: int, wanted: int | None) -> list[int]:
+    """The rank of each node (by the rank the rendezvous gave it): the ranks the nodes asked
+    for (every node's `wanted`, shared through the rendezvous's `store`), or the rendezvous's
+    own when none asked. Raises ClusterError when the nodes' wishes are not 0..nodes-1 once each.
+    """
+    store.set(f"bit/node-rank/{rank}", "" if wanted is None else str(wanted))
+    asked = [value.decode() for value in store.multi_get(
+        [f"bit/node-rank/{other}" for other in range(nodes)])]
+    if not any(asked):
+        return list(range(nodes))
+    if sorted(asked) != sorted(str(node) for node in range(nodes)):
+        raise ClusterError(f"the nodes asked for node ranks {', '.join(a or '-' for a in asked)}: "
+                           f"give every node its own {NODE_RANK_ENV} from 0 to {nodes - 1}, "
+                           "or none")
+    return [int(value) for value in asked]
+
+
+def meeting_place(cfg: TrainConfig, env=os.environ) -> tuple[str | None, str, int | None]:
+    """(endpoint, rendezvous id, this node's rank or None) for `cfg.nodes` nodes: the
+    environment's BIT_RDZV_* and BIT_NODE_RANK, else train.rdzv_endpoint and train.rdzv_id.
+    Raises ClusterError for several nodes without an endpoint, or a malformed value."""
+    endpoint = env.get(ENDPOINT_ENV) or cfg.rdzv_endpoint
+    rdzv_id = env.get(RDZV_ID_ENV) or cfg.rdzv_id
+    node_rank = env.get(NODE_RANK_ENV) or None
+    if cfg.nodes > 1 and not endpoint:
+        raise ClusterError(f"{cfg.nodes} nodes need a rendezvous endpoint: set train.rdzv_endpoint "
+                           f"(or {ENDPOINT_ENV}) to host:port of one of the nodes, the same on "
+                           "every node")
+    if endpoint and endpoint != cfg.rdzv_endpoint:
+        try:
+            TrainConfig(**{**cfg.model_dump(), "rdzv_endpoint": endpoint})
+        except ValueError:
+            raise ClusterError(f"{ENDPOINT_ENV}={endpoint}: write it as host:port, e.g. "
+                               "10.0.0.1:29400") from None
+    if node_rank is not None and not (node_rank.isdigit() and int(node_rank) < cfg.nodes):
+        raise ClusterError(f"{NODE_RANK_ENV}={node_rank}: give a node rank from 0 to "
+                           f"{cfg.nodes - 1} (train.nodes is {cfg.nodes})")
+    return endpoint, rdzv_id, None if node_rank is None else int(node_rank)
 
 
 def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
@@ -326,16 +386,17 @@ def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
                                                       rendezvous_handler_registry)
     from torch.distributed.run import parse_args, run
 
+    endpoint, rdzv_id, node_rank = meeting_place(cfg)
     where = ["--standalone"]
-    if cfg.rdzv_endpoint:
+    if endpoint:
         rendezvous_handler_registry.register(RENDEZVOUS, _rendezvous_handler)
         # read_timeout: how long a request to the rendezvous's store may take, and so how long
         # the others wait for the node at the endpoint to start (default 60 s).
-        timeouts = f"join_timeout={cfg.join_timeout},read_timeout={cfg.join_timeout}"
+        conf = f"join_timeout={cfg.join_timeout},read_timeout={cfg.join_timeout}"
+        conf += "" if node_rank is None else f",node_rank={node_rank}"
         where = [f"--nnodes={cfg.nodes}", f"--rdzv-backend={RENDEZVOUS}",
-                 f"--rdzv-endpoint={cfg.rdzv_endpoint}", f"--rdzv-id={cfg.rdzv_id}",
-                 f"--rdzv-conf={timeouts}"]
-    meeting = f"rendezvous {cfg.rdzv_id!r} at {cfg.rdzv_endpoint}"
+                 f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", f"--rdzv-conf={conf}"]
+    meeting = f"rendezvous {rdzv_id!r} at {endpoint}"
     try:
         run(parse_args([*where, f"--nproc-per-node={cfg.processes}", "--max-restarts=0", *argv]))
     except ChildFailedError as failed:

@@ -127,7 +127,6 @@ def test_unknown_preset(params_file):
     ("compile.batch_sizes=[1, 1]", r"yaml: compile: \[1, 1\] has duplicates: list each size once"),
     ("compile.batch_sizes=[]", "compile.batch_sizes"),
     ("compile.batch_sizes=[0, 4]", "compile.batch_sizes.0"),
-    ("train.nodes=2", "yaml: train: 2 nodes need train.rdzv_endpoint: set it to host:port of one"),
     ("train.rdzv_endpoint=node-a", "train.rdzv_endpoint = 'node-a': write it as host:port"),
     ("train.processes=5", r"micro-batch 48 \(batch / batch_split\) is not divisible by 5 proc"),
 ])

@@ -81,3 +81,46 @@ def test_backend_by_device():
 def test_single_process_is_a_no_op():
     world, device = distributed.init(torch.device("cpu"))
     assert world.size == 1 and world.is_main and device.type == "cpu"
+
+
+def test_the_meeting_place_comes_from_params_or_the_environment():
+    cfg = TrainConfig(nodes=2, rdzv_endpoint="10.0.0.1:29400", rdzv_id="run-1")
+    assert distributed.meeting_place(cfg, {}) == ("10.0.0.1:29400", "run-1", None)
+    flow = {"BIT_RDZV_ENDPOINT": "node-a:4711", "BIT_RDZV_ID": "flow-7", "BIT_NODE_RANK": "1"}
+    assert distributed.meeting_place(cfg, flow) == ("node-a:4711", "flow-7", 1)
+    assert distributed.meeting_place(TrainConfig(nodes=2), flow) == ("node-a:4711", "flow-7", 1)
+    assert distributed.meeting_place(TrainConfig(), {}) == (None, "bit-finetune", None)
+
+
+@pytest.mark.parametrize("cfg, env, message", [
+    (TrainConfig(nodes=2), {}, "2 nodes need a rendezvous endpoint: set train.rdzv_endpoint "
+     r"\(or BIT_RDZV_ENDPOINT\) to host:port"),
+    (TrainConfig(nodes=2), {"BIT_RDZV_ENDPOINT": "node-a"},
+     "BIT_RDZV_ENDPOINT=node-a: write it as host:port"),
+    (TrainConfig(nodes=2, rdzv_endpoint="a:1"), {"BIT_NODE_RANK": "2"},
+     "BIT_NODE_RANK=2: give a node rank from 0 to 1"),
+])
+def test_a_meeting_place_that_cannot_work_is_one_line(cfg, env, message):
+    with pytest.raises(distributed.ClusterError, match=message):
+        distributed.meeting_place(cfg, env)
+
+
+def _ask(store, asked: dict[int, int | None], me: int):
+    """What node `me` agrees on after the others asked for `asked` (by rendezvous rank)."""
+    for rank, wanted in asked.items():
+        if rank != me:
+            store.set(f"bit/node-rank/{rank}", "" if wanted is None else str(wanted))
+    return distributed.agreed_node_ranks(store, me, len(asked), asked[me])
+
+
+def test_nodes_keep_the_rendezvous_ranks_unless_they_ask_for_their_own():
+    assert _ask(torch.distributed.HashStore(), {0: None, 1: None, 2: None}, 1) == [0, 1, 2]
+    # the node the rendezvous ranked last asked to be node 0 (the flow's own host)
+    assert _ask(torch.distributed.HashStore(), {0: 1, 1: 2, 2: 0}, 2) == [1, 2, 0]
+
+
+@pytest.mark.parametrize("asked", [{0: 0, 1: 0}, {0: 1, 1: None}])
+def test_nodes_that_ask_for_clashing_ranks_are_refused(asked):
+    with pytest.raises(distributed.ClusterError,
+                       match="give every node its own BIT_NODE_RANK from 0 to 1, or none"):
+        _ask(torch.distributed.HashStore(), asked, 0)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -45,18 +45,29 @@ class Nodes:
     stage: Stage
 
     @contextlib.contextmanager
-    def start(self, root: Path, port: int, overrides: list[str] = ()
+    def start(self, root: Path, port: int, overrides: list[str] = (),
+              node_ranks: tuple[int, int] | None = None
               ) -> Iterator[dict[Path, subprocess.Popen]]:
-        settings = ["train.nodes=2", f"train.rdzv_endpoint=127.0.0.1:{port}",
-                    f"train.peer_timeout={PEER_TIMEOUT}", *overrides]
+        """With `node_ranks`, the nodes meet where the environment says and take those ranks,
+        as the flow starts them; else where params.yaml says, ranked by the rendezvous."""
+        settings = ["train.nodes=2", f"train.peer_timeout={PEER_TIMEOUT}", *overrides]
+        stages = {root / "node-a": self.stage, root / "node-b": self.stage}
+        if node_ranks is None:
+            settings.append(f"train.rdzv_endpoint=127.0.0.1:{port}")
+        else:
+            stages = {run: replace(self.stage, env={
+                **self.stage.env, "BIT_RDZV_ENDPOINT": f"127.0.0.1:{port}",
+                "BIT_RDZV_ID": f"flow-{port}", "BIT_NODE_RANK": str(rank)})
+                for run, rank in zip(stages, node_ranks)}
         with contextlib.ExitStack() as stack:
-            yield {run: stack.enter_context(self.stage.start(run, settings))
-                   for run in (root / "node-a", root / "node-b")}
+            yield {run: stack.enter_context(stage.start(run, settings))
+                   for run, stage in stages.items()}
 
-    def complete(self, root: Path, port: int, overrides: list[str] = ()) -> tuple[dict, Path]:
+    def complete(self, root: Path, port: int, overrides: list[str] = (),
+                 node_ranks: tuple[int, int] | None = None) -> tuple[dict, Path]:
         """Run both to the end; the final checkpoint and the directory of the node that wrote
         it (rank 0's, the only one with outputs)."""
-        with self.start(root, port, overrides) as nodes:
+        with self.start(root, port, overrides, node_ranks) as nodes:
             for run, process in nodes.items():
                 code, stderr = finish(process, run)
                 assert code == 0, stderr
@@ -110,7 +121,12 @@ def two_processes(stage, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_nodes(nodes, tmp_path_factory) -> dict:
-    return nodes.complete(tmp_path_factory.mktemp("nodes"), free_port())[0]
+    """Started as the flow starts them: the node started second asks to be node 0 (the
+    rendezvous would rank it second: it orders the nodes of one host by process id)."""
+    checkpoint, writer = nodes.complete(tmp_path_factory.mktemp("nodes"), free_port(),
+                                        node_ranks=(1, 0))
+    assert writer.name == "node-b"  # rank 0, the only one that writes
+    return checkpoint
 
 
 @pytest.fixture(scope="module")
