@@ -10,10 +10,12 @@ hits them alike and the ratios stay meaningful on a shared machine:
 - ``flops``    the model's FLOPs and the GEMM peak of this machine, so that every row above gets
                its achieved GFLOP/s and fraction of that peak;
 - ``data``     data-loading images/s against training images/s, CIFAR-10- and ImageNet-sized;
+- ``precision`` the default experiment fine-tuned in fp32 and in bf16 by the stages' own
+               commands: the loss curves' alignment (MRE) and the test top-1 of each;
 - ``overhead`` the pipeline's own cost: a no-op ``dvc repro``, and the Prefect flow's stage task
                against the same ``dvc repro`` calls in a plain loop.
 
 Results: ``bench/results/results.json`` and ``RESULTS.md`` (``--out`` to change).
 """
 
-SECTIONS = ("train", "infer", "flops", "data", "overhead")
+SECTIONS = ("train", "infer", "flops", "data", "precision", "overhead")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 UNITS = {"img_s": "images/s", "min_s": "s"}
 TITLES = {"train": "Training", "infer": "Inference", "flops": "GEMM peak",
-          "data": "Data loading against training", "overhead": "Pipeline overhead"}
+          "data": "Data loading against training",
+          "precision": "bf16 against fp32 on the default experiment", "overhead": "Pipeline overhead"}
 
 
 def utilization(results: dict) -> list[dict]:
@@ -72,6 +73,12 @@ COLUMNS = {
     "flops": [("GFLOP/s", lambda r: r["gflops"]), ("s: fastest / median / slowest", _spread)],
     "data": [("images/s", lambda r: r["img_s"]), ("images timed per round", lambda r: r["images"]),
              ("s: fastest / median / slowest", _spread)],
+    "precision": [("fine-tune stage s", lambda r: r["min_s"]), ("steps", lambda r: r["steps"]),
+                  ("final loss", lambda r: r["final_loss"]),
+                  ("val top-1 %", lambda r: r.get("val_top1")),
+                  ("test top-1 %", lambda r: r["test_top1"]),
+                  ("loss MRE vs fp32", lambda r: f"{r['mre']:.4f}" if "mre" in r else None),
+                  ("aligned", lambda r: r.get("aligned"))],
     "overhead": [("s: fastest / median / slowest", _spread)],
 }
 
@@ -113,6 +120,12 @@ def _section(name: str, s: dict) -> list[str]:
         out.append(f"One step of {key} (torch.profiler, ops by self CPU time):\n\n" + _table(
             ["op", "self ms", "share", "calls"],
             [[o["op"], o["self_ms"], f"{100 * o['share']:.0f}%", o["calls"]] for o in ops]) + "\n")
+    if name == "precision":
+        out.append(f"bf16 against fp32 over {s['steps']} steps: loss MRE {s['mre']:.4f} (the "
+                   f"rule: <= {s['mre_max']}), {'aligned' if s['aligned'] else '**not aligned**'}"
+                   f"; test top-1 {s['top1_change']:+.2f} points. params.yaml says "
+                   f"`precision: {s['params_precision']}`; `auto` picks {s['auto_picks']} on "
+                   f"this CPU ({s['cpu']}).\n")
     if name == "overhead":
         out.append(f"The flow costs {s['flow_overhead_per_stage_s']:+.2f} s per stage over the "
                    f"plain loop ({s['stages']} stages; the temporary Prefect server started in "

@@ -20,7 +20,7 @@ from bench import SECTIONS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 MODULES = {"train": "training", "infer": "inference", "flops": "measure", "data": "dataload",
-           "overhead": "overhead"}
+           "precision": "precision", "overhead": "overhead"}
 VERSIONS = ("torch", "timm", "onnxruntime", "dvc", "prefect")
 
 
@@ -48,6 +48,7 @@ class Settings:
     data_batch: int = 32
     data_workers: tuple[int, ...] = (0,)
     data_rounds: int = 3
+    precision_stop_after: int | None = None  # None: the default experiment's whole schedule
     overhead_stages: int = 3
     overhead_rounds: int = 3
     overhead_warmup: int = 1
@@ -64,8 +65,8 @@ def quick(s: Settings) -> Settings:
                                  "batches": 4, "train_batch": 1},
                     "ImageNet": {**s.data_sizes["ImageNet"], "source": (100, 88),
                                  "precrop": 72, "crop": 64, "batches": 4, "train_batch": 1}},
-        data_images=16, data_batch=4, data_rounds=1, overhead_stages=1, overhead_rounds=1,
-        overhead_warmup=0)
+        data_images=16, data_batch=4, data_rounds=1, precision_stop_after=5, overhead_stages=1,
+        overhead_rounds=1, overhead_warmup=0)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

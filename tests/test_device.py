@@ -47,8 +47,10 @@ def test_npu_absent_is_a_clear_error():
 
 def test_precision_defaults():
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
+    expected = "bf16" if cpu_units().amx_bf16 else "fp32"
+    assert resolve_precision("auto", cpu) == expected
     assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("fp32", cpu, parse_cpuinfo(CPUINFO)) == "fp32"
     with pytest.raises(DeviceError, match="fp16 is not supported on cpu"):
         resolve_precision("fp16", cpu)
 
@@ -96,6 +98,15 @@ def test_a_cpu_without_matrix_units_says_so():
     assert not (units.fast_bf16 or units.fast_int8 or units.amx_bf16)
     assert units.describe() == "no AMX-bf16, no AMX-int8, no avx512_bf16, no VNNI"
     assert parse_cpuinfo("").model == "unknown"
+
+
+def test_auto_precision_on_a_cpu_is_bf16_only_with_amx():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, parse_cpuinfo(CPUINFO)) == "bf16"
+    # avx512_bf16 without AMX: bf16 arithmetic exists, but a training step is faster in fp32.
+    no_amx = parse_cpuinfo("model name : x\nflags : avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert no_amx.fast_bf16 and resolve_precision("auto", cpu, no_amx) == "fp32"
+    assert resolve_precision("auto", cpu, parse_cpuinfo("")) == "fp32"
 
 
 def test_this_hosts_units_agree_with_torchs_probes():
