@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# OpenVINO (the `openvino` extra) runs on x86-64 CPUs only
+comma  := ,
+EXTRAS := dev$(if $(filter x86_64 amd64,$(shell uname -m)),$(comma)openvino)
 PIP_QUIET := 2>&1 | grep -v -e 'is ignored: it is neither' -e '^$$' || true
 
 SHELL := /bin/bash
@@ -23,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (first time: a few minutes)"
 	@$(BIN)/python -m pip install -q --upgrade 'pip>=24' $(PIP_QUIET)
-	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' $(PIP_QUIET)
+	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]' $(PIP_QUIET)
 	@$(BIN)/python -c 'import bit_core, torch, torchvision, dvc, prefect, mlflow, onnxruntime'
 	@touch $(STAMP)
 

@@ -1,4 +1,5 @@
-"""The `infer` section: inference images/s per batch size, bit_core against timm and ONNX Runtime.
+"""The `infer` section: inference images/s per batch size, bit_core against timm, ONNX Runtime
+and OpenVINO (bf16 and int8 where the CPU has the units).
 
 Every back-end is a numpy -> numpy predictor from :mod:`bit_core.evaluate`, called on the same
 batch. Its first call at each batch size warms it up (compiles it, for torch.compile) and checks
@@ -16,35 +17,49 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch._inductor.config as inductor_config
 
 from bench.measure import CPU, best, build, interleaved, ratio, row, timed
 from bit_core import fold_weight_standardization
-from bit_core.evaluate import onnx_predictor, torch_predictor
+from bit_core.evaluate import compiled_predictor, onnx_predictor, torch_predictor
 from bit_core.export import export_onnx, onnx_session
 
 # Max |logits - reference| / max |reference|. A random initialisation amplifies bf16 rounding:
 # 0.1-0.25 for both libraries' bf16 rows, where a wrong computation is off by the order of 1.
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.3}
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.3, "int8": 0.3}
 REFERENCE = {"bit_core": "bit_core eager fp32", "timm": "timm eager fp32",
              "onnxruntime": "bit_core eager fp32"}
 
 
-def compiled_predictor(model: torch.nn.Module, precision: str) -> Callable:
-    """torch.compile, channels_last, weights frozen into the graph (inductor's ``freezing``);
-    one static graph per batch size."""
-    model = model.eval().to(memory_format=torch.channels_last)
-    inner = torch_predictor(torch.compile(model, dynamic=False), CPU, precision,
-                            channels_last=True)
+def openvino_rows(settings, onnx_path: Path, log) -> dict[str, tuple]:
+    """bit_core's export on OpenVINO: bf16 where the CPU has the units (else fp32), and the
+    int8 IR (NNCF, calibrated on random images: only its speed counts here) where it has int8
+    dot products. What this CPU lacks is logged, not measured."""
+    from bit_core.backends import openvino_missing
+    from bit_core.device import cpu_units
+    from bit_core.openvino_ir import (inference_precision, ir_predictor, quantize_int8, read_onnx,
+                                      save_ir)
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with inductor_config.patch(freezing=True):
-            return inner(batch)
+    if (missing := openvino_missing()) is not None:
+        log(f"  OpenVINO not measured: {missing}")
+        return {}
+    units, rows = cpu_units(), {}
+    xml = save_ir(read_onnx(onnx_path), onnx_path.with_name("model.xml"))
+    p = "bf16" if units.fast_bf16 else "fp32"
+    rows[f"bit_core OpenVINO {p}"] = ("bit_core", p, ir_predictor(
+        xml, inference_precision(p, units), settings.threads))
+    if not units.fast_int8:
+        log(f"  OpenVINO int8 not measured: no AMX-int8 or VNNI ({units.describe()})")
+        return rows
+    images = [np.random.default_rng(i).uniform(-1, 1, (3, settings.resolution,
+                                                       settings.resolution)).astype(np.float32)
+              for i in range(8)]
+    int8 = save_ir(quantize_int8(onnx_path, images), onnx_path.with_name("int8.xml"))
+    rows["bit_core OpenVINO int8"] = ("bit_core", "int8", ir_predictor(
+        int8, inference_precision("int8", units), settings.threads))
+    return rows
 
-    return predict
 
-
-def backends(settings, onnx_path: Path, bit: torch.nn.Module) -> dict[str, tuple]:
+def backends(settings, onnx_path: Path, bit: torch.nn.Module, log) -> dict[str, tuple]:
     """name -> (library, precision, predictor); each library's eager fp32 reference first."""
     timm, folded, fresh = build("timm").eval(), fold_weight_standardization(bit), copy.deepcopy
     out = {
@@ -61,9 +76,10 @@ def backends(settings, onnx_path: Path, bit: torch.nn.Module) -> dict[str, tuple
     p = settings.compile_precision
     if p:
         out[f"bit_core folded compiled {p} channels_last"] = (
-            "bit_core", p, compiled_predictor(fresh(folded), p))
-        out[f"timm compiled {p} channels_last"] = ("timm", p, compiled_predictor(fresh(timm), p))
-    return out
+            "bit_core", p, compiled_predictor(fresh(folded), CPU, p))
+        out[f"timm compiled {p} channels_last"] = ("timm", p,
+                                                   compiled_predictor(fresh(timm), CPU, p))
+    return {**out, **openvino_rows(settings, onnx_path, log)}
 
 
 def first_calls(predictors: dict, x: np.ndarray, rows: dict) -> dict[str, Callable]:
@@ -102,7 +118,7 @@ def run(settings, log) -> dict:
     bit = build("bit_core").eval()
     with tempfile.TemporaryDirectory(prefix="bench-onnx-") as scratch:
         onnx_path = export_onnx(bit, Path(scratch) / "model.onnx", resolution=settings.resolution)
-        predictors = backends(settings, onnx_path, bit)
+        predictors = backends(settings, onnx_path, bit, log)
         for batch in settings.infer_batches:
             x = np.random.default_rng(batch).uniform(
                 -1, 1, (batch, 3, settings.resolution, settings.resolution)).astype(np.float32)

@@ -171,6 +171,14 @@ class CompileConfig(_Section):
         return self
 
 
+class OpenVINOConfig(_Section):
+    """ONNX -> OpenVINO IR for x86-64 CPUs (fp32, and int8 by NNCF post-training quantization)."""
+
+    build: bool = True  # false: build no IR (the stage records why)
+    int8: bool = True  # also an int8 IR, calibrated on training images
+    calibration_images: int = Field(300, ge=1)  # training images NNCF calibrates on
+
+
 class EvaluateConfig(_Section):
     """Accuracy and speed of every back-end."""
 
@@ -179,6 +187,7 @@ class EvaluateConfig(_Section):
     repeats: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
     threads: int | None = Field(None, ge=1)
+    compiled: bool = True  # torch.compile rows, where the device has fast bf16/fp16 (slow to build)
 
 
 class TrackingConfig(_Section):
@@ -204,6 +213,7 @@ class Params(_Section):
     train: TrainConfig
     export: ExportConfig
     compile: CompileConfig
+    openvino: OpenVINOConfig
     evaluate: EvaluateConfig
     tracking: TrackingConfig
     registry: RegistryConfig

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "weights.npz"  # models/pretrained
 WEIGHTS_SOURCE = "source.json"  # models/pretrained
 ONNX_FILE = "model.onnx"  # models/onnx
 OM_MANIFEST = "manifest.json"  # models/om
+IR_MANIFEST = "manifest.json"  # models/openvino
 SPLIT_MARKER = "split.json"  # data/raw of a source with official train/ and test/ folders
 DATA_METRICS = "metrics.json"  # reports/data: the prepare stage's data report numbers
 MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
@@ -85,10 +86,15 @@ class EvaluationMetrics(_Record):
 
     test_images: int
     om_skipped: str  # why the OM models were not measured; empty when they were
+    cpu: str = ""  # the host CPU and its matrix units, as CpuUnits describes them
+    skipped: dict[str, str] = {}  # back-end -> why it was not measured on this host
+    gate_missed: dict[str, str] = {}  # back-end -> how far its top-1 missed its accuracy gate
+    fastest: dict[str, str] = {}  # "bs<N>" -> the fastest back-end that passed its gate
 
     def values(self) -> dict[str, float]:
         """Every measured number by name."""
-        return {k: float(v) for k, v in self.model_dump().items() if not isinstance(v, str)}
+        return {k: float(v) for k, v in self.model_dump().items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 # --- compile_om -> evaluate -----------------------------------------------------------------------
@@ -134,6 +140,38 @@ class OMManifest(_Record):
     def static_models(self, directory: Path) -> dict[int, Path]:
         """{batch size: OM file} of the static-batch builds."""
         return {m.batch: Path(directory) / m.file for m in self.models if m.batch is not None}
+
+
+# --- compile_openvino -> evaluate, register ------------------------------------------------------
+
+
+class IRStatus(StrEnum):
+    """What the compile_openvino stage did."""
+
+    BUILT = "built"  # an fp32 IR, and an int8 one unless `int8_reason` says why not
+    SKIPPED = "skipped"  # no OpenVINO here (or openvino.build is false); `reason` says which
+
+
+class IRManifest(_Record):
+    """The compile_openvino stage's record: the OpenVINO IR files by precision, their parity
+    with PyTorch fp32 on the export's inputs, or why nothing was built.
+
+    An IR holds fp32 (or int8) weights; bf16 is how OpenVINO runs the fp32 IR on a CPU with
+    bf16 units (its inference precision), so the bf16 row uses ``files["fp32"]``."""
+
+    status: IRStatus
+    reason: str | None
+    onnx_sha256: str
+    files: dict[str, str]  # "fp32" / "int8" -> .xml relative to the manifest (the .bin beside)
+    int8_reason: str | None  # why there is no int8 IR, when there is none
+    calibration_images: int  # training images the int8 IR was calibrated on
+    parity: dict[str, float]  # max |logits - PyTorch fp32| per precision; int8 top-1 agreement
+    versions: dict[str, str]
+
+    def ir(self, directory: Path, precision: str) -> Path | None:
+        """The .xml to run at `precision` (bf16 runs the fp32 IR), or None."""
+        name = self.files.get("fp32" if precision == "bf16" else precision)
+        return Path(directory) / name if name else None
 
 
 # --- split marker --------------------------------------------------------------------------------

@@ -129,6 +129,18 @@ def onnx_session(path: Path, threads: int | None = None, *, spinning: bool = Fal
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8
+               ) -> torch.Tensor | None:
+    """The first `count` test images, preprocessed as for evaluation: the real inputs of the
+    parity checks."""
+    from bit_core.data import ImageListDataset, eval_transform
+    from bit_core.splits import read_split
+
+    samples = read_split(Path(splits) / "test.csv")[:count]
+    dataset = ImageListDataset(data_root, samples, eval_transform(resolution))
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]) if samples else None
+
+
 def check_parity(model: nn.Module, onnx_path: Path, *, batches: list[int], resolution: int,
                  atol: float = 1e-4, real_images: torch.Tensor | None = None,
                  seed: int = 0) -> dict:
@@ -138,6 +150,16 @@ def check_parity(model: nn.Module, onnx_path: Path, *, batches: list[int], resol
     absolute difference per input kind; raises ParityError above `atol`.
     """
     session = onnx_session(onnx_path)
+    return compare_logits(model, lambda x: session.run([OUTPUT], {INPUT: x})[0],
+                          "ONNX Runtime", "the export is wrong", batches=batches,
+                          resolution=resolution, atol=atol, real_images=real_images, seed=seed)
+
+
+def compare_logits(model: nn.Module, predict, name: str, verdict: str, *, batches: list[int],
+                   resolution: int, atol: float, real_images: torch.Tensor | None = None,
+                   seed: int = 0) -> dict:
+    """The worst |logits - PyTorch fp32 logits| of `predict` (numpy -> numpy) per input kind
+    and batch size; ParityError naming `name` and ending with `verdict` above `atol`."""
     generator = torch.Generator().manual_seed(seed)
     model = model.float().cpu().eval()
     report = {}
@@ -148,11 +170,10 @@ def check_parity(model: nn.Module, onnx_path: Path, *, batches: list[int], resol
         for kind, x in inputs.items():
             with torch.no_grad():
                 expected = model(x).numpy()
-            got = session.run([OUTPUT], {INPUT: x.numpy()})[0]
-            diff = float(np.abs(expected - got).max())
+            diff = float(np.abs(expected - predict(x.numpy())).max())
             report[f"max_abs_diff_{kind}_bs{batch}"] = diff
             if not diff <= atol:
-                raise ParityError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (> {atol}) "
-                                  f"at batch {batch} on {kind} inputs: the export is wrong")
+                raise ParityError(f"{name} differs from PyTorch by {diff:.3g} (> {atol}) "
+                                  f"at batch {batch} on {kind} inputs: {verdict}")
     report["max_abs_diff"] = max(report.values())
     return report

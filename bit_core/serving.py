@@ -58,12 +58,15 @@ class Prediction:
 
 
 class ImageClassifier:
-    """An exported model with its record: images or tensors in, class names out.
+    """An exported model with its record: images or tensors in, class names out. It runs on ONNX
+    Runtime; a subclass runs another back-end by overriding :meth:`logits`.
 
     Args:
         onnx_path: a model written by the export stage (its metadata holds the record).
         threads: ONNX Runtime intra-op threads (None: its default).
     """
+
+    backend = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -79,12 +82,15 @@ class ImageClassifier:
         if RECORD_KEY not in metadata:
             raise ImageError(f"{onnx_path} carries no model record: export it with the "
                              "export_onnx stage")
-        record = json.loads(metadata[RECORD_KEY])
-        self.classes: list[str] = record["classes"]
+        self.use_record(json.loads(metadata[RECORD_KEY]))
+        self.input = self.session.get_inputs()[0].name
+
+    def use_record(self, record: dict) -> None:
+        """Take the classes and the input (resolution, mean, std) from a model record."""
+        self.classes: list[str] = list(record["classes"])
         self.resolution: int = record["resolution"]
         self.mean = np.asarray(record["mean"], np.float32).reshape(3, 1, 1)
         self.std = np.asarray(record["std"], np.float32).reshape(3, 1, 1)
-        self.input = self.session.get_inputs()[0].name
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) float32: resized to the model's resolution (bilinear, as torchvision's Resize
@@ -99,9 +105,13 @@ class ImageClassifier:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
             raise ImageError(f"tensor of shape {list(batch.shape)}: the model takes "
                              f"[N, {', '.join(map(str, expected))}]")
-        logits = self.session.run(None, {self.input: batch.astype(np.float32)})[0]
+        logits = self.logits(batch.astype(np.float32))
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """The model's logits for a float32 (N, 3, H, W) batch (ONNX Runtime here)."""
+        return self.session.run(None, {self.input: batch})[0]
 
     def check_top_k(self, top_k: int) -> int:
         if not 1 <= top_k <= len(self.classes):

@@ -13,6 +13,7 @@ from typing import NoReturn
 from bit_core.config import Params, load_params
 from bit_core.errors import USER_ERRORS
 from bit_core.redact import redact
+from tasks import environment
 
 log = logging.getLogger("bit")
 
@@ -33,6 +34,7 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=run.__doc__)
     configure(parser)
     args = parser.parse_args(argv)
+    environment.apply()  # before any tool is imported: some read their settings at import
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     try:
         run(args, read_params())

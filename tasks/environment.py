@@ -23,6 +23,8 @@ TOOL_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
+    "NNCF_CI": "1",  # NNCF's switch for its usage statistics (OpenVINO's are sent only by ovc,
+                     # its converter, which the pipeline does not use: it reads the ONNX itself)
     "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
 }
 

@@ -6,25 +6,30 @@ import argparse
 import importlib.util
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from bit_core.backends import (GATE_PP, OM, REFERENCE, Backend, Plan, fastest, gate_miss,
+                               plan)
 from bit_core.config import Params
-from bit_core.contracts import (CHECKPOINT, OM_MANIFEST, EvaluationMetrics, OMManifest, OMStatus,
-                                metric_key)
-from bit_core.record import ModelRecord
+from bit_core.contracts import (CHECKPOINT, IR_MANIFEST, OM_MANIFEST, EvaluationMetrics,
+                                IRManifest, IRStatus, OMManifest, OMStatus, metric_key)
 from bit_core.data import ImageListDataset, eval_transform
-from bit_core.device import resolve_device
-from bit_core.evaluate import (confusion_matrix, measure_speed, onnx_predictor, predict_all,
-                               topk_accuracy, torch_predictor)
+from bit_core.device import CpuUnits, cpu_units, resolve_device
 from bit_core.errors import ParityError
+from bit_core.evaluate import (Predict, compiled_predictor, confusion_matrix, measure_speed,
+                               onnx_predictor, padded_predictor, predict_all, topk_accuracy,
+                               torch_predictor)
 from bit_core.export import onnx_session
 from bit_core.io import atomic_write_json, atomic_write_text
 from bit_core.model import fold_weight_standardization
 from bit_core.om import AIS_BENCH_HINT, read_ais_outputs, run_ais_bench
+from bit_core.openvino_ir import inference_precision, ir_predictor
+from bit_core.record import ModelRecord
 from bit_core.plots import plot_confusion, plot_fps
 from bit_core.splits import read_classes, read_split
 from bit_core.weights import load_trained
@@ -32,6 +37,7 @@ from tasks import tracking
 from tasks.common import log, stage_main
 
 TOP1_TOLERANCE_PP = 0.1  # ONNX Runtime must agree with PyTorch fp32 to this many points
+ACCURACY_BATCH = 64  # test images per call in the accuracy pass
 
 
 def fast_precision(device: torch.device) -> str:
@@ -39,16 +45,37 @@ def fast_precision(device: torch.device) -> str:
     return "bf16" if device.type in ("cpu", "cuda") else "fp16"
 
 
-def _backends(model, onnx_path: Path, device: torch.device, threads: int | None):
-    """name -> predictor for every back-end available here."""
-    folded = fold_weight_standardization(model)
-    fast = fast_precision(device)
-    return {
-        "torch_fp32": torch_predictor(folded, device),
-        f"torch_{fast}": torch_predictor(fold_weight_standardization(model), device, fast,
-                                         channels_last=True),
-        "onnxruntime": onnx_predictor(onnx_session(onnx_path, threads)),
-    }
+def host_plan(cfg, device: torch.device, units: CpuUnits, ir_dir: Path) -> Plan:
+    """The back-ends to measure here: by the device, the CPU's units and what compile_openvino
+    built (its manifest)."""
+    manifest = IRManifest.read(ir_dir / IR_MANIFEST, "compile_openvino")
+    built = manifest.status is IRStatus.BUILT
+    return plan(device.type, units, fast=fast_precision(device), compiled=cfg.compiled,
+                cuda_bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
+                openvino_ir=None if built else manifest.reason,
+                int8_ir=None if "int8" in manifest.files else manifest.int8_reason)
+
+
+def _factories(host: Plan, model, onnx_path: Path, ir_dir: Path, device: torch.device,
+               units: CpuUnits, threads: int | None) -> dict[str, Callable[[], Predict]]:
+    """name -> a function building that back-end's predictor (built one at a time: a compiled
+    model holds its own copy of the weights)."""
+    manifest = IRManifest.read(ir_dir / IR_MANIFEST, "compile_openvino") \
+        if any(b.runtime == "openvino" for b in host.backends) else None
+
+    def make(b: Backend) -> Callable[[], Predict]:
+        if b.runtime == "torch":
+            return lambda: torch_predictor(fold_weight_standardization(model), device,
+                                           b.precision, channels_last=b.precision != "fp32")
+        if b.runtime == "torch_compiled":
+            return lambda: padded_predictor(compiled_predictor(
+                fold_weight_standardization(model), device, b.precision), ACCURACY_BATCH)
+        if b.runtime == "onnxruntime":
+            return lambda: onnx_predictor(onnx_session(onnx_path, threads))
+        return lambda: ir_predictor(manifest.ir(ir_dir, b.precision),
+                                    inference_precision(b.precision, units), threads)
+
+    return {b.name: make(b) for b in host.backends}
 
 
 def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratch: Path
@@ -92,13 +119,32 @@ def _grid(title: str, rows: list[str], batches: list[int], cell) -> list[str]:
                     for row in rows]
 
 
-def markdown_table(accuracy: dict[str, dict], speed: list[dict]) -> str:
-    """Top-1/top-5 per back-end, then images/s and p50/p99 latency per back-end and batch size."""
+def _accuracy_lines(accuracy: dict[str, dict], metrics: EvaluationMetrics) -> list[str]:
+    reference = accuracy.get(REFERENCE, {}).get("top1")
+    lines = ["| back-end | top-1 % | top-5 % | top-1 vs fp32 | gate |", "|---|---|---|---|---|"]
+    for name, acc in accuracy.items():
+        delta = "–" if reference is None or name == REFERENCE else \
+            f"{acc['top1'] - reference:+.2f}"
+        gate = "reference" if name == REFERENCE else \
+            f"missed by {metrics.gate_missed[name]}" if name in metrics.gate_missed else "kept"
+        lines.append(f"| {name} | {acc['top1']:.2f} | {acc['top5']:.2f} | {delta} | {gate} |")
+    return lines
+
+
+def markdown_table(accuracy: dict[str, dict], speed: list[dict],
+                   metrics: EvaluationMetrics | None = None) -> str:
+    """The host, top-1/top-5 per back-end with its accuracy gate, then images/s (with the
+    fastest back-end per batch size) and p50/p99 latency per back-end and batch size, then the
+    back-ends not measured here and why."""
+    metrics = metrics or EvaluationMetrics(test_images=0, om_skipped="")
     batches = sorted({row["batch"] for row in speed})
     backends = list(dict.fromkeys([*accuracy, *(row["backend"] for row in speed)]))
+    backends = [b for b in backends if b not in metrics.gate_missed]
     by = {(row["backend"], row["batch"]): row for row in speed}
 
     def fps(backend, batch):
+        if backend == "fastest":
+            return metrics.fastest.get(f"bs{batch}", "–")
         row = by.get((backend, batch))
         return f"{row['fps']:.1f}" if row else "–"
 
@@ -110,25 +156,65 @@ def markdown_table(accuracy: dict[str, dict], speed: list[dict]) -> str:
         return f"{row['latency_ms_p50']:.1f} / {p99:.1f}" if p99 is not None else \
             f"{row['latency_ms_p50']:.1f}"
 
-    lines = ["| back-end | top-1 % | top-5 % |", "|---|---|---|"]
-    lines += [f"| {b} | {a['top1']:.2f} | {a['top5']:.2f} |" for b, a in accuracy.items()]
-    lines += ["", *_grid("images/s", backends, batches, fps), "",
+    lines = ([f"Host CPU: {metrics.cpu}. Accuracy gates (top-1 against {REFERENCE}): "
+              + ", ".join(f"{p} {pp} pt" for p, pp in GATE_PP.items())
+              + "; a back-end outside its gate gets no speed rows.", ""] if metrics.cpu else [])
+    lines += _accuracy_lines(accuracy, metrics)
+    lines += ["", *_grid("images/s", [*backends, "fastest"] if metrics.fastest else backends,
+                         batches, fps), "",
               *_grid("latency ms p50 / p99", backends, batches, latency)]
+    if metrics.skipped:
+        lines += ["", "Not measured on this host:", ""]
+        lines += [f"- {name}: {why}" for name, why in metrics.skipped.items()]
     return "\n".join(lines) + "\n"
 
 
-def _measure(backends: dict, loader: DataLoader, resolution: int, cfg) -> tuple:
-    """(accuracy, speed rows, logits, labels) of every back-end on the test split."""
-    accuracy, speed, logits_by, labels = {}, [], {}, None
-    for name, predict in backends.items():
-        logits_by[name], labels = predict_all(predict, loader)
+def _measure(factories: dict, loader: DataLoader) -> tuple:
+    """(accuracy, logits, labels) of every back-end on the test split; images/s are measured
+    afterwards, for those within their gate."""
+    accuracy, logits_by, labels = {}, {}, None
+    for name, factory in factories.items():
+        logits_by[name], labels = predict_all(factory(), loader)
         accuracy[name] = topk_accuracy(logits_by[name], labels)
+        log.info("%s: %s", name, accuracy[name])
+    return accuracy, logits_by, labels
+
+
+def _speed(factories: dict, kept: list[str], resolution: int, cfg) -> list[dict]:
+    speed = []
+    for name in kept:
+        predict = factories[name]()
         for batch in cfg.batch_sizes:
             row = measure_speed(predict, batch, resolution, warmup=cfg.warmup,
                                 repeats=cfg.repeats)
             speed.append({"backend": name, **row})
-        log.info("%s: %s", name, accuracy[name])
-    return accuracy, speed, logits_by, labels
+        del predict
+    return speed
+
+
+def gates(accuracy: dict[str, dict], host: Plan) -> dict[str, str]:
+    """name -> how far its top-1 missed its gate, for the back-ends outside it."""
+    backends = {b.name: b for b in (*host.backends, OM)}
+    reference = accuracy[REFERENCE]["top1"]
+    missed = {}
+    for name, acc in accuracy.items():
+        miss = gate_miss(backends[name], acc["top1"], reference)
+        if name != REFERENCE and miss > 0:
+            missed[name] = (f"{miss:.2f} pt (top-1 {acc['top1']:.2f} against {reference:.2f}, "
+                            f"gate {backends[name].gate_pp} pt)")
+    return missed
+
+
+def fastest_by_batch(host: Plan, kept: list[str], speed: list[dict]) -> dict[str, str]:
+    """"bs<N>" -> the fastest kept back-end at batch N (:func:`bit_core.backends.fastest`)."""
+    backends = {b.name: b for b in (*host.backends, OM)}
+    out = {}
+    for batch in sorted({row["batch"] for row in speed}):
+        fps = {row["backend"]: row["fps"] for row in speed if row["batch"] == batch}
+        best = fastest([backends[name] for name in kept], fps)
+        if best is not None:
+            out[f"bs{batch}"] = best.name
+    return out
 
 
 def _check_onnx_agrees(accuracy: dict) -> None:
@@ -144,6 +230,7 @@ def _log_run(checkpoint_dir: Path, metrics: EvaluationMetrics, out: Path, om_dir
             return
         mlflow.log_metrics({f"test_{k}" if "top" in k else k: v
                             for k, v in metrics.values().items()})
+        mlflow.set_tags({f"eval.fastest.{batch}": name for batch, name in metrics.fastest.items()})
         for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
             mlflow.log_artifact(str(out / name), "evaluation")
         for path in (om_dir / OM_MANIFEST, *sorted(om_dir.glob("*.om"))):
@@ -151,58 +238,87 @@ def _log_run(checkpoint_dir: Path, metrics: EvaluationMetrics, out: Path, om_dir
                 mlflow.log_artifact(str(path), "om")
 
 
-def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
-             data_root: Path, splits: Path, out: Path) -> EvaluationMetrics:
-    """Measure every back-end; write metrics.json, fps.json, fps.md, fps.png, confusion.png."""
-    cfg = params.evaluate
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
-    resolution = ModelRecord.of_checkpoint(checkpoint).resolution
+def _test_loader(params: Params, data_root: Path, splits: Path, resolution: int) -> DataLoader:
     test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
                                 eval_transform(resolution))
-    loader = DataLoader(test_set, batch_size=64, num_workers=params.train.workers)
-    backends = _backends(model, onnx_path, resolve_device(cfg.device), cfg.threads)
-    accuracy, speed, logits_by, labels = _measure(backends, loader, resolution, cfg)
+    return DataLoader(test_set, batch_size=ACCURACY_BATCH, num_workers=params.train.workers)
+
+
+def _om(om_dir: Path, loader: DataLoader, labels: np.ndarray, cfg, accuracy: dict,
+        skipped: dict) -> list[dict]:
+    """Add the OM row's accuracy (or why it was skipped); return its speed rows."""
     images = np.concatenate([x.numpy() for x, _ in loader]).astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
         om_accuracy, om_speed, om_skipped = om_results(om_dir, images, labels, cfg, Path(scratch))
     if om_accuracy:
         accuracy["om"] = om_accuracy
-    speed += om_speed
     if om_skipped:
+        skipped["om"] = om_skipped
         log.info("OM not evaluated: %s", om_skipped)
+    return om_speed
+
+
+def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
+             data_root: Path, splits: Path, out: Path, ir_dir: Path,
+             units: CpuUnits | None = None) -> EvaluationMetrics:
+    """Measure every back-end this host runs fast (`units`: its CPU's, by default read from
+    it); write metrics.json, fps.json, fps.md, fps.png, confusion.png."""
+    cfg, units = params.evaluate, units or cpu_units()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
+    resolution = ModelRecord.of_checkpoint(checkpoint).resolution
+    loader = _test_loader(params, data_root, splits, resolution)
+    device = resolve_device(cfg.device)
+    host = host_plan(cfg, device, units, ir_dir)
+    factories = _factories(host, model, onnx_path, ir_dir, device, units, cfg.threads)
+    accuracy, logits_by, labels = _measure(factories, loader)
+    skipped = dict(host.skipped)
+    om_speed = _om(om_dir, loader, labels, cfg, accuracy, skipped)
     _check_onnx_agrees(accuracy)
+    missed = gates(accuracy, host)
+    kept = [name for name in accuracy if name not in missed]
+    speed = _speed(factories, [k for k in kept if k in factories], resolution, cfg)
+    speed += om_speed if "om" in kept else []
     metrics = EvaluationMetrics(
-        test_images=len(test_set), om_skipped=om_skipped or "",
+        test_images=len(labels), om_skipped=skipped.get("om", ""),
+        cpu=f"{units.model} ({units.describe()})", skipped=skipped, gate_missed=missed,
+        fastest=fastest_by_batch(host, kept, speed),
         **{metric_key(b, k): v for b, acc in accuracy.items() for k, v in acc.items()},
         **{metric_key(r["backend"], f"fps_bs{r['batch']}"): round(r["fps"], 2) for r in speed})
+    _write_reports(metrics, accuracy, speed, logits_by, labels, splits, out)
+    _log_run(checkpoint_dir, metrics, out, om_dir)
+    return metrics
+
+
+def _write_reports(metrics: EvaluationMetrics, accuracy: dict, speed: list[dict],
+                   logits_by: dict, labels: np.ndarray, splits: Path, out: Path) -> None:
     metrics.write(out / "metrics.json")
     atomic_write_json(out / "fps.json", speed)
-    table = markdown_table(accuracy, speed)
+    table = markdown_table(accuracy, speed, metrics)
     atomic_write_text(out / "fps.md", table)
     plot_fps(speed, out / "fps.png")
     classes = read_classes(splits)
-    plot_confusion(confusion_matrix(logits_by["torch_fp32"], labels, len(classes)), classes,
+    plot_confusion(confusion_matrix(logits_by[REFERENCE], labels, len(classes)), classes,
                    out / "confusion.png")
-    _log_run(checkpoint_dir, metrics, out, om_dir)
     print(table)
-    return metrics
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help="finetune output dir")
     parser.add_argument("--onnx", type=Path, required=True, help="exported model.onnx")
     parser.add_argument("--om", type=Path, required=True, help="compile_om output dir")
+    parser.add_argument("--openvino", type=Path, required=True,
+                        help="compile_openvino output dir")
     parser.add_argument("--data", type=Path, required=True, help="class-folder root")
     parser.add_argument("--splits", type=Path, required=True, help="prepare output dir")
     parser.add_argument("--out", type=Path, required=True, help="directory for the reports")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
-    """Evaluate PyTorch and ONNX Runtime: accuracy and throughput."""
+    """Evaluate every back-end this host runs fast: accuracy, images/s, the fastest."""
     metrics = evaluate(params, args.checkpoint, args.onnx, args.om, args.data, args.splits,
-                       args.out)
+                       args.out, args.openvino)
     log.info("wrote %s", json.dumps({k: v for k, v in metrics.values().items() if "top" in k}))
 
 

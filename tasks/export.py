@@ -5,24 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 from bit_core.config import Params
 from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport
 from bit_core.record import ModelRecord
-from bit_core.data import ImageListDataset, eval_transform
-from bit_core.export import check_parity, export_onnx, op_types
-from bit_core.splits import read_split
+from bit_core.export import check_parity, export_onnx, op_types, real_batch
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
-
-
-def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8) -> torch.Tensor:
-    """The first `count` test images, preprocessed as for evaluation."""
-    samples = read_split(splits / "test.csv")[:count]
-    dataset = ImageListDataset(data_root, samples, eval_transform(resolution))
-    return torch.stack([dataset[i][0] for i in range(len(dataset))]) if samples else None
 
 
 def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, out: Path,

@@ -3,7 +3,9 @@
 MLflow stores this file with the model and runs it when the model is loaded or served; it is
 never imported by the pipeline. The model's artifacts are the ONNX file (which carries the class
 names, resolution and normalisation) and, with it, bit_core's serving code, so the model needs
-only numpy, Pillow, pandas and ONNX Runtime where it runs.
+only numpy, Pillow, pandas and ONNX Runtime where it runs. The OpenVINO IR, when the pipeline
+built one, is registered beside them (``artifacts/openvino``) for ``bit predict`` on Intel CPUs;
+this served model runs ONNX Runtime.
 
 Input: a DataFrame with one column ``image``; each row is an encoded image (JPEG/PNG bytes, or
 their base64 text in JSON) or a preprocessed tensor (nested lists, 3 x H x W). Output: one row

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from bit_core.backends import serving_backend
 from bit_core.config import Params, RegistryConfig
+from bit_core.device import cpu_units
 from bit_core.errors import ConfigError
 from bit_core.redact import redact
 from bit_core.serving import ImageClassifier, ImageError, Prediction, load_image
@@ -28,30 +30,59 @@ class Result:
     error: str | None = None
 
 
-class CheckpointClassifier(ImageClassifier):
-    """A fine-tuned checkpoint, run by PyTorch, with the preprocessing of its record."""
+class RuntimeClassifier(ImageClassifier):
+    """A model with its record, run by any numpy predictor: the back-end chosen for this host."""
 
-    def __init__(self, checkpoint: Path):
-        import torch
+    def __init__(self, record, predict, backend: str):
+        self.use_record(record.model_dump())
+        self._predict, self.backend = predict, backend
 
-        from bit_core.record import ModelRecord
-        from bit_core.weights import load_trained
-
-        self.model, saved = load_trained(checkpoint)
-        record = ModelRecord.of_checkpoint(saved)
-        self.classes, self.resolution = record.classes, record.resolution
-        self.mean = np.asarray(record.mean, np.float32).reshape(3, 1, 1)
-        self.std = np.asarray(record.std, np.float32).reshape(3, 1, 1)
-        self._torch = torch
-
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            logits = self.model(self._torch.from_numpy(batch.astype(np.float32)))
-            return self._torch.softmax(logits, dim=1).numpy()
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self._predict(batch)
 
 
-def _registered_onnx(name: str, spec: str) -> Path:
-    """The ONNX file of a registered version (`spec`: an alias or a version number)."""
+def checkpoint_classifier(checkpoint: Path) -> RuntimeClassifier:
+    """A fine-tuned checkpoint run by PyTorch (the back-end chosen among torch's)."""
+    import torch
+
+    from bit_core.evaluate import torch_predictor
+    from bit_core.model import fold_weight_standardization
+    from bit_core.record import ModelRecord
+    from bit_core.weights import load_trained
+
+    model, saved = load_trained(checkpoint)
+    backend = serving_backend(cpu_units(), None, BATCH, runtimes=("torch",))
+    predict = torch_predictor(fold_weight_standardization(model), torch.device("cpu"),
+                              backend.precision, channels_last=backend.precision != "fp32")
+    return RuntimeClassifier(ModelRecord.of_checkpoint(saved), predict, backend.name)
+
+
+def exported_classifier(onnx_path: Path, ir_dir: Path | None = None,
+                        metrics: dict[str, float] | None = None) -> ImageClassifier:
+    """An exported model (with the OpenVINO IR the compile stage built beside it, if any) run
+    by the back-end that :func:`bit_core.backends.serving_backend` chooses for this CPU from
+    the model's evaluation `metrics`."""
+    from bit_core.contracts import IR_MANIFEST, IRManifest, IRStatus
+
+    manifest = IRManifest.read(ir_dir / IR_MANIFEST, "compile_openvino") \
+        if ir_dir is not None and (ir_dir / IR_MANIFEST).is_file() else None
+    built = manifest is not None and manifest.status is IRStatus.BUILT
+    backend = serving_backend(
+        cpu_units(), metrics, BATCH, openvino_ir=None if built else "no OpenVINO IR",
+        int8_ir=None if built and "int8" in manifest.files else "no int8 IR")
+    if backend.runtime == "onnxruntime":
+        return ImageClassifier(onnx_path)
+    from bit_core.openvino_ir import inference_precision, ir_predictor
+    from bit_core.record import ModelRecord
+
+    predict = ir_predictor(manifest.ir(ir_dir, backend.precision),
+                           inference_precision(backend.precision, cpu_units()))
+    return RuntimeClassifier(ModelRecord.of_onnx(onnx_path), predict, backend.name)
+
+
+def _registered(name: str, spec: str) -> tuple[Path, Path | None, dict[str, float]]:
+    """The ONNX file of a registered version (`spec`: an alias or a version number), the
+    OpenVINO IR registered with it (or None) and the metrics of the run that evaluated it."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -61,6 +92,10 @@ def _registered_onnx(name: str, spec: str) -> Path:
     uri = f"models:/{name}@{spec}" if not spec.isdigit() else f"models:/{name}/{spec}"
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        client = mlflow.MlflowClient()
+        version = client.get_model_version(name, spec) if spec.isdigit() else \
+            client.get_model_version_by_alias(name, spec)
+        metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
     except MlflowException as err:
         raise ConfigError(f"no model {uri} in {redact(environment.tracking_uri())} "
                           f"({str(err).splitlines()[0]}): run the pipeline to register one, or "
@@ -69,20 +104,23 @@ def _registered_onnx(name: str, spec: str) -> Path:
     if not found:
         raise ConfigError(f"{uri} has no ONNX file: it was registered by an older version of "
                           "the pipeline; re-run the register stage")
-    return found[0]
+    ir_dir = local / "artifacts" / "openvino"
+    return found[0], ir_dir if ir_dir.is_dir() else None, metrics
 
 
 def open_model(spec: str, params: Params | None) -> ImageClassifier:
-    """A classifier for `spec`: champion, challenger, a version number, an .onnx or a .pt file."""
+    """A classifier for `spec`: champion, challenger, a version number, an .onnx or a .pt file;
+    run by the fastest correct back-end of this CPU (:func:`exported_classifier`)."""
     path = Path(spec).expanduser()
     if path.suffix == ".onnx" or path.suffix == ".pt":
         if not path.is_file():
             raise ConfigError(f"model file {path} does not exist: give an exported .onnx or a "
                               "fine-tuned checkpoint.pt")
-        return ImageClassifier(path) if path.suffix == ".onnx" else CheckpointClassifier(path)
+        return exported_classifier(path) if path.suffix == ".onnx" else \
+            checkpoint_classifier(path)
     if spec in (CHAMPION, CHALLENGER) or spec.isdigit():
         name = (params.registry if params else RegistryConfig()).model_name
-        return ImageClassifier(_registered_onnx(name, spec))
+        return exported_classifier(*_registered(name, spec))
     raise ConfigError(f"--model {spec}: give champion, challenger, a version number, or an "
                       ".onnx / .pt file")
 

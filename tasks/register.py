@@ -27,7 +27,7 @@ import numpy as np
 from bit_core import serving
 
 from bit_core.config import Params
-from bit_core.contracts import EvaluationMetrics, ExportReport
+from bit_core.contracts import IR_MANIFEST, EvaluationMetrics, ExportReport, IRManifest, IRStatus
 from bit_core.record import ModelRecord
 from bit_core.errors import ConfigError
 from bit_core.io import atomic_write_json
@@ -107,9 +107,10 @@ def _example_image() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _log_model(mlflow, onnx_path: Path, classes: int):
+def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None):
     """The self-contained image model (tasks/mlflow_model.py, with the ONNX file and bit_core's
-    serving code inside) logged to the active run."""
+    serving code inside, and the OpenVINO IR beside them when `ir_dir` is given) logged to the
+    active run."""
     import onnxruntime
     import pandas as pd
     import PIL
@@ -129,13 +130,23 @@ def _log_model(mlflow, onnx_path: Path, classes: int):
         shutil.copyfile(serving.__file__, package / "serving.py")
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"onnx": str(onnx_path)}, code_paths=[str(package)],
+            artifacts={"onnx": str(onnx_path), **({"openvino": str(ir_dir)} if ir_dir else {})},
+            code_paths=[str(package)],
             signature=signature, input_example=example, pip_requirements=requirements)
 
 
+def _built_ir(ir_dir: Path | None) -> Path | None:
+    """`ir_dir` when compile_openvino built IR there, else None."""
+    if ir_dir is None:
+        return None
+    manifest = IRManifest.read(ir_dir / IR_MANIFEST, "compile_openvino")
+    return ir_dir if manifest.status is IRStatus.BUILT else None
+
+
 def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics: Path,
-             export_report: Path, splits: Path, out: Path) -> dict:
-    """Log the ONNX model to the run, register a version, settle the aliases; write `out`."""
+             export_report: Path, splits: Path, out: Path, ir_dir: Path | None = None) -> dict:
+    """Log the ONNX model (and the OpenVINO IR in `ir_dir`, when built) to the run, register a
+    version, settle the aliases; write `out`."""
     cfg = params.registry
     metrics = EvaluationMetrics.read(eval_metrics, "evaluate").values()
     if cfg.metric not in metrics:
@@ -151,7 +162,7 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
 
         client = MlflowClient()
         record = ModelRecord.of_onnx(onnx_path)  # a model without its record is refused here
-        info = _log_model(mlflow, onnx_path, len(record.classes))
+        info = _log_model(mlflow, onnx_path, len(record.classes), _built_ir(ir_dir))
         before = _holder(client, cfg.model_name)
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             METRIC_TAG: str(value), PARITY_TAG: str(parity), SOURCE_TAG: params.data.source,
@@ -177,13 +188,14 @@ def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="evaluate metrics.json")
     parser.add_argument("--export-report", type=Path, required=True, help="export report")
     parser.add_argument("--splits", type=Path, required=True, help="prepare output dir")
+    parser.add_argument("--openvino", type=Path, help="compile_openvino output dir")
     parser.add_argument("--out", type=Path, required=True, help="registry decision JSON")
 
 
 def _run(args: argparse.Namespace, params: Params) -> None:
     """Register the model and move the champion alias if it earned it."""
     record = register(params, args.onnx, args.checkpoint, args.metrics, args.export_report,
-                      args.splits, args.out)
+                      args.splits, args.out, args.openvino)
     log.info("registered %s version %d as %s (%s = %.2f, champion had %s)",
              record["model_name"], record["version"], record["alias"], record["metric"],
              record["value"], record["previous_champion"])

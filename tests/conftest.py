@@ -27,7 +27,8 @@ BIN = Path(sys.executable).parent
 # Tiny training settings: every stage runs in seconds; what is checked is the plumbing.
 TINY = ["train.resolution=16", "train.precrop=20", "train.batch=8", "train.schedule=[1, 2]",
         "train.eval_every=1", "evaluate.batch_sizes=[1, 2]", "evaluate.repeats=1",
-        "evaluate.warmup=0", "export.parity_batches=[1, 3]", "compile.batch_sizes=[1, 4]"]
+        "evaluate.warmup=0", "evaluate.compiled=false", "export.parity_batches=[1, 3]",
+        "compile.batch_sizes=[1, 4]", "openvino.calibration_images=8"]
 
 environment.apply()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm, in the bench's smoke test

@@ -107,18 +107,64 @@ def test_compile_om_skipped_without_atc(pipeline):
     assert len(manifest["commands"]) == 2
 
 
+def test_compile_openvino_builds_ir_checked_against_pytorch(pipeline):
+    from bit_core.contracts import IRManifest, IRStatus
+
+    out = pipeline[0] / "models/openvino"
+    manifest = IRManifest.read(out / "manifest.json", "compile_openvino")
+    assert manifest.status is IRStatus.BUILT and manifest.calibration_images == 8
+    for xml in manifest.files.values():
+        assert (out / xml).is_file() and (out / xml).with_suffix(".bin").is_file()
+    assert set(manifest.files) == {"fp32", "int8"} and manifest.int8_reason is None
+    assert manifest.parity["fp32_max_abs_diff"] <= 1e-4
+    assert 0 <= manifest.parity["int8_top1_agreement_real"] <= 100
+
+
 def test_evaluate_reports(pipeline):
+    from bit_core.backends import GATE_PP
+
     out = pipeline[0] / "reports/eval"
     metrics = json.loads((out / "metrics.json").read_text())
-    for backend in ("torch_fp32", "torch_bf16", "onnxruntime"):
+    measured = ("torch_fp32", "torch_bf16", "onnxruntime", "openvino_fp32", "openvino_bf16",
+                "openvino_int8")
+    for backend in measured:
         assert 0 <= metrics[f"{backend}_top1"] <= metrics[f"{backend}_top5"] <= 100
-        assert metrics[f"{backend}_fps_bs1"] > 0 and metrics[f"{backend}_fps_bs2"] > 0
+    for backend in measured:  # within its accuracy gate: measured; outside: the miss is told
+        delta = abs(metrics[f"{backend}_top1"] - metrics["torch_fp32_top1"])
+        within = delta <= GATE_PP["int8" if backend.endswith("int8") else "fp32"]
+        assert (f"{backend}_fps_bs1" in metrics and f"{backend}_fps_bs2" in metrics) == within
+        assert (backend in metrics["gate_missed"]) == (not within)
     assert abs(metrics["onnxruntime_top1"] - metrics["torch_fp32_top1"]) <= 0.1
+    assert set(metrics["fastest"]) == {"bs1", "bs2"}
+    assert metrics["skipped"]["torch_compiled"] == "evaluate.compiled is false"
     table = (out / "fps.md").read_text()
     assert "| onnxruntime |" in table and "| images/s | bs1 | bs2 |" in table
-    assert "latency ms p50 / p99" in table
+    assert f"| fastest | {metrics['fastest']['bs1']} |" in table
+    assert "latency ms p50 / p99" in table and "- torch_compiled: evaluate.compiled is false" in table
     for png in ("fps.png", "confusion.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_without_matrix_units_skips_reduced_precision(pipeline, tmp_path):
+    """A CPU without AMX or avx512_bf16 (or VNNI) gets no bf16 or int8 OpenVINO rows, and
+    the report says why."""
+    from bit_core.config import load_params
+    from bit_core.device import CpuUnits
+    from tasks.evaluate import evaluate
+
+    work = pipeline[0]
+    params = load_params(work / "params.yaml")
+    plain = CpuUnits("Plain x86", frozenset({"avx2", "avx512f"}))
+    metrics = evaluate(params, work / "models/finetuned", work / "models/onnx/model.onnx",
+                       work / "models/om", work / "data/raw", work / "data/prepared",
+                       tmp_path / "eval", work / "models/openvino", units=plain)
+    assert "openvino_fp32_top1" in metrics.values()
+    assert not {"openvino_bf16_top1", "openvino_int8_top1"} & set(metrics.values())
+    assert "no AMX-bf16 or avx512_bf16" in metrics.skipped["openvino_bf16"]
+    assert "no AMX-int8 or VNNI" in metrics.skipped["openvino_int8"]
+    table = (tmp_path / "eval/fps.md").read_text()
+    assert "Host CPU: Plain x86 (no AMX-bf16, no AMX-int8, no avx512_bf16, no VNNI)" in table
+    assert "- openvino_bf16: the CPU has no AMX-bf16 or avx512_bf16" in table
 
 
 def test_one_mlflow_run_holds_every_stage(pipeline):
@@ -134,7 +180,11 @@ def test_one_mlflow_run_holds_every_stage(pipeline):
     assert run.data.tags["git.commit"]
     assert run.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"plots", "onnx", "evaluation", "checkpoint", "om"} <= artifacts
+    assert {"plots", "onnx", "evaluation", "checkpoint", "om", "openvino"} <= artifacts
+    assert {"openvino/model.xml", "openvino/int8.bin", "openvino/manifest.json"} <= \
+        {a.path for a in client.list_artifacts(run_id, "openvino")}
+    assert run.data.metrics["openvino_fp32_max_abs_diff"] <= 1e-4
+    assert run.data.tags["eval.fastest.bs1"]
     assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/checkpoint.pt"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
@@ -240,8 +290,8 @@ def test_om_models_reach_the_evaluation(pipeline, tmp_path, monkeypatch):
     manifest = json.loads((om / "manifest.json").read_text())
     assert manifest["status"] == "built" and len(manifest["models"]) == 2
     assert _stage("evaluate", "--checkpoint", "models/finetuned", "--onnx", "models/onnx/model.onnx",
-                  "--om", str(om), "--data", "data/raw", "--splits", "data/prepared",
-                  "--out", str(out)) == 0
+                  "--om", str(om), "--openvino", "models/openvino", "--data", "data/raw",
+                  "--splits", "data/prepared", "--out", str(out)) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["om_skipped"] == ""
     assert metrics["om_top1"] == metrics["onnxruntime_top1"]  # the same graph behind both
