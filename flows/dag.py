@@ -26,6 +26,11 @@ def stages(repo: str | Path = ".") -> list[str]:
     return list(_stages(Path(repo)))
 
 
+def command(repo: str | Path, stage: str) -> str:
+    """The stage's command line, as dvc.yaml gives it."""
+    return _stages(Path(repo))[stage]["cmd"]
+
+
 def outputs(repo: str | Path = ".", *, cached: bool | None = None) -> set[str]:
     """Declared outputs (outs, metrics, plots) of every stage; only the uncached ones with
     ``cached=False``, only the cached ones with ``cached=True``."""

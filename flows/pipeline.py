@@ -67,6 +67,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from bit_core.download import basic_auth
 from bit_core.redact import redact, split_credentials
 from flows import dag, workspace
+from flows import nodes as node_runs
 from flows.overrides import apply_overrides
 from tasks import environment
 
@@ -232,8 +233,16 @@ def _follow(path: Path, process: subprocess.Popen):
             yield pending
 
 
-def dvc(repo: str, *args: str, log: bool = True) -> tuple[int, str]:
-    """Run `dvc <args>` in `repo` in its own process group; stream its output to the run's log.
+def dvc(repo: str, *args: str, log: bool = True, env: dict[str, str] | None = None
+        ) -> tuple[int, str]:
+    """Run `dvc <args>` in `repo` (see :func:`command`); its exit code and output."""
+    return command(repo, [environment.tool("dvc"), *args], log=log, env=env)
+
+
+def command(repo: str, argv: list[str], log: bool = True, env: dict[str, str] | None = None
+            ) -> tuple[int, str]:
+    """Run `argv` in `repo` in its own process group, with `env` added to the tools'
+    environment; stream its output to the run's log. Its exit code and output (redacted).
 
     The output goes through a file, not a pipe, so that a stage outlives the flow's process
     (killed after a cancel) long enough to write its checkpoint instead of dying of a broken
@@ -245,8 +254,7 @@ def dvc(repo: str, *args: str, log: bool = True) -> tuple[int, str]:
     with tempfile.TemporaryDirectory(prefix="bit-dvc-") as tmp:
         output = Path(tmp) / "output.log"
         with output.open("w") as writer:
-            process = subprocess.Popen([environment.tool("dvc"), *args], cwd=repo,
-                                       env=environment.tool_env(),
+            process = subprocess.Popen(argv, cwd=repo, env={**environment.tool_env(), **(env or {})},
                                        stdout=writer, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -271,7 +279,8 @@ def stage_status(repo: str, stage: str) -> dict:
     return workspace.json_output(output) or {}
 
 
-def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False) -> dict:
+def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
+               env: dict[str, str] | None = None) -> dict:
     """Bring one DVC stage up to date; return whether its command ran or DVC restored its
     outputs (a run with the same inputs in the run cache, on this host or, when shared, on the
     DVC remote). A shared run pushes the stage's outputs at once, for the other hosts, and keeps
@@ -287,7 +296,7 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False)
     kept = dag.persistent(repo, stage) if sharing and changed and not restored else []
     with workspace.checkpoints_kept(repo, sharing, kept) if kept else nullcontext():
         code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
-                           *pull, stage)
+                           *pull, stage, env=env)
         if code != 0:
             errors = [line for line in output.splitlines() if "error" in line.lower()]
             raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
@@ -297,8 +306,9 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False)
 
 
 @task(name="run-stage", task_run_name="{stage}")
-def run_stage(stage: str, repo: str, shared: bool = False) -> dict:
-    return _run_stage(stage, repo, shared=shared)
+def run_stage(stage: str, repo: str, shared: bool = False,
+              env: dict[str, str] | None = None) -> dict:
+    return _run_stage(stage, repo, shared=shared, env=env)
 
 
 @task(name="run-io-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10)
@@ -428,25 +438,35 @@ def _summary(repo: Path) -> tuple[str, str | None]:
     return text, run_id
 
 
-def _changes(overrides: list[str] | None, device: str, processes: int | None) -> list[str]:
-    """The run's overrides, with the device and process count as params.yaml values."""
+def _changes(overrides: list[str] | None, device: str, processes: int | None,
+             nodes: int | None = None) -> list[str]:
+    """The run's overrides, with the device, process and node counts as params.yaml values."""
     changes = list(overrides or [])
     if device != "auto":
         changes += [f"train.device={device}", f"evaluate.device={device}"]
     if processes:
         changes.append(f"train.processes={processes}")
+    if nodes:
+        changes.append(f"train.nodes={nodes}")
     return changes
 
 
-def _run_pipeline(repo: str, params: dict, shared: bool) -> list[dict]:
-    """Every stage of dvc.yaml in order, each a task; the fine-tune carries its pool's tag."""
+def _run_pipeline(repo: str, params: dict, shared: bool,
+                  plan: node_runs.NodePlan | None = None) -> list[dict]:
+    """Every stage of dvc.yaml in order, each a task; the fine-tune carries its pool's tag, and
+    with a node plan trains together with the other nodes it starts (flows/nodes.py)."""
     train_tag = training_tag(params["train"]["device"])
     results = []
     for stage in dag.stages(repo):
         if stage in IO_STAGES:
             results.append(run_io_stage(stage, repo, shared=shared))
         elif stage == TRAIN_STAGE:
-            results.append(run_stage.with_options(tags={train_tag})(stage, repo, shared=shared))
+            train = run_stage.with_options(tags={train_tag})
+            if plan is None or not stage_status(repo, stage):
+                results.append(train(stage, repo, shared=shared))
+                continue
+            with node_runs.other_nodes(params, plan) as env:
+                results.append(train(stage, repo, shared=shared, env=env))
         else:
             results.append(run_stage(stage, repo, shared=shared))
     return results
@@ -517,7 +537,7 @@ def _publish(repo: str, results: list[dict], commit: str | None, restored: str |
 @flow(name="bit-finetune", log_prints=True)
 def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
                  processes: int | None = None, repo: str | None = None,
-                 nightly: bool = False, shared: bool = False) -> dict:
+                 nightly: bool = False, shared: bool = False, nodes: int | None = None) -> dict:
     """Fine-tune, export, compile and evaluate BiT through the DVC pipeline.
 
     Args:
@@ -531,13 +551,20 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
             deployments of prefect.yaml pass): it uses the host's DVC cache and the DVC remote
             (``BIT_DVC_CACHE``, ``BIT_DVC_REMOTE``), restores what an earlier run computed, and
             is pushed as a DVC experiment; see flows/workspace.py.
+        nodes: hosts to fine-tune on (``train.nodes``); with 2 or more, this shared run starts
+            the others as flow runs of ``bit-node/<its deployment>``; see flows/nodes.py.
     """
     environment.apply()
     repo = str(Path(repo or os.environ.get("BIT_PIPELINE_REPO") or REPO).resolve())
+    if nodes and nodes > 1 and not shared:
+        raise PreflightError(f"nodes={nodes} runs on several hosts, each in a workspace of its "
+                             "own: start it from a deployment of prefect.yaml (shared runs)")
     commit = preflight(repo, nightly, shared)["commit"]
+    changes = _changes(overrides, device, processes, nodes)
+    plan = node_runs.plan_nodes(changes, commit) if nodes and nodes > 1 else None
     if shared:
         prepare_workspace(repo)
-    params = apply_params(repo, _changes(overrides, device, processes))
+    params = apply_params(repo, changes)
     restored = restore_experiment(repo) if shared else None
     results = []
     if nightly:
@@ -548,7 +575,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         if not changed:
             return _up_to_date(repo, commit, restored, results)
         get_run_logger().info("changed since the last training: %s", ", ".join(changed))
-    results += _run_pipeline(repo, params, shared)
+    results += _run_pipeline(repo, params, shared, plan)
     return _publish(repo, results, commit, restored, nightly, shared)
 
 

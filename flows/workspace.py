@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ from bit_core.io import atomic_path
 from bit_core.redact import redact, split_credentials
 from flows import dag
 from tasks import environment
+
+log = logging.getLogger(__name__)
 
 REMOTE_ENV = "BIT_DVC_REMOTE"
 CACHE_ENV = "BIT_DVC_CACHE"
@@ -265,27 +268,63 @@ def restorable(root: str | Path, stage: str) -> bool:
 @contextmanager
 def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> Iterator[None]:
     """Around a stage with ``persist`` outputs (the fine-tune's resume folder): a run stopped or
-    failed leaves them in the host cache (``<cache>/bit-resume/<commit and parameters>``) instead
-    of in its workspace, which goes with it; the next run of the same commit and parameters on
-    this host starts with them (the trainer resumes from a checkpoint it accepts). They are
-    forgotten once the stage succeeds."""
+    failed leaves them in the host cache (``<cache>/bit-resume/<commit and parameters>``) and on
+    the DVC remote (``bit-resume/<same>``) instead of in its workspace, which goes with it; the
+    next run of the same commit and parameters, on this host or another, starts with them (the
+    trainer resumes from a checkpoint it accepts). They are forgotten once the stage succeeds."""
     root = Path(root)
     key = hashlib.sha256(head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest()
     store = sharing.cache / "bit-resume" / key[:16]
     for folder in folders:
-        if (store / folder).is_dir() and any((store / folder).iterdir()):
+        if not _filled(store / folder) and sharing.remote:
+            _kept_remotely(root, key[:16], folder, store / folder, upload=False)
+        if _filled(store / folder):
             shutil.rmtree(root / folder, ignore_errors=True)
             shutil.copytree(store / folder, root / folder)
     try:
         yield
     except BaseException:
         for folder in folders:
-            if (root / folder).is_dir() and any((root / folder).iterdir()):
+            if _filled(root / folder):
                 shutil.rmtree(store / folder, ignore_errors=True)
                 (store / folder).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(root / folder, store / folder)  # a rename where it can be
+                if sharing.remote:
+                    _kept_remotely(root, key[:16], folder, store / folder, upload=True)
         raise
     shutil.rmtree(store, ignore_errors=True)
+    if sharing.remote:
+        for folder in folders:
+            _kept_remotely(root, key[:16], folder, None, upload=False)
+
+
+def _filled(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _kept_remotely(root: Path, key: str, folder: str, local: Path | None, upload: bool) -> None:
+    """Copy a kept folder to the DVC remote (`upload`), from it into `local`, or remove it
+    there (`local` None). Best effort: a remote that fails here costs the next run its head
+    start on another host, not its result, so the failure is logged, not raised."""
+    from dvc.repo import Repo
+
+    try:
+        with Repo(str(root)) as repo:
+            remote = repo.cloud.get_remote()
+        fs, there = remote.fs, remote.fs.join(remote.path, "bit-resume", key, folder)
+        if local is None:
+            if fs.exists(there):
+                fs.rm(there, recursive=True)
+        elif upload:
+            for path in sorted(p for p in local.rglob("*") if p.is_file()):
+                fs.put_file(str(path), fs.join(there, *path.relative_to(local).parts))
+        elif fs.exists(there):
+            for path in fs.find(there):
+                target = local / Path(fs.relpath(path, there))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(path, str(target))
+    except Exception as err:  # noqa: BLE001 - see above
+        log.warning(redact(f"keeping {folder} on the DVC remote failed: {err}"))
 
 
 # --- experiments -------------------------------------------------------------------------------
@@ -293,10 +332,11 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> 
 
 def head(root: str | Path) -> str:
     """The commit checked out in `root`."""
-    return _git(root, "rev-parse", "HEAD").strip()
+    return git(root, "rev-parse", "HEAD").strip()
 
 
-def _git(root: str | Path, *args: str) -> str:
+def git(root: str | Path, *args: str) -> str:
+    """`git <args>` in `root`, its output; WorkspaceError with git's last line when it fails."""
     result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         raise WorkspaceError(redact(f"git {args[0]} in {root} failed: "
@@ -332,7 +372,7 @@ def _uncommitted_results(root: str | Path) -> list[str]:
     uncached outputs, ignored ones too (the fine-tune's resume folder: its run record), so that
     ``dvc exp apply`` restores every output DVC cannot."""
     declared = sorted({"dvc.lock", *dag.outputs(root, cached=False)})
-    return _git(root, "ls-files", "--others", "--", *declared, ":(glob)**/.gitignore").split("\n")[:-1]
+    return git(root, "ls-files", "--others", "--", *declared, ":(glob)**/.gitignore").split("\n")[:-1]
 
 
 def save_experiment(root: str | Path, name: str, message: str) -> str:

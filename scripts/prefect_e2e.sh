@@ -15,11 +15,12 @@
 #      background, with PREFECT_HOME under WORKDIR; wait for /api/health; export PREFECT_API_URL;
 #      and, unless MLFLOW_TRACKING_URI is given, mlflow server --host 127.0.0.1 with proxied
 #      artifacts (--artifacts-destination WORKDIR/mlflow/artifacts)
-#   2. for every work pool in CHECKOUT/prefect.yaml: create it (process type) when missing, set
-#      its concurrency limit to 1, and a tag concurrency limit of 1 on <pool>-training (the
-#      fine-tune task's tag); create the zombie-run automation (scripts/crash-zombie-runs.yaml)
+#   2. for every work pool in CHECKOUT/prefect.yaml: create it (process type) when missing, and
+#      a tag concurrency limit of 1 on <pool>-training (the fine-tune task's tag); create the
+#      zombie-run automation (scripts/crash-zombie-runs.yaml)
 #   3. prefect variable set bit_git_url file://CHECKOUT; prefect --no-prompt deploy --all
-#   4. prefect worker start --pool <the deployment's pool>, in the background, as a worker host:
+#   4. prefect worker start --pool <the deployment's pool> --limit 1, in the background, as a
+#      worker host (one flow run at a time):
 #      BIT_DVC_REMOTE=WORKDIR/dvc-remote, BIT_DVC_CACHE=WORKDIR/dvc-cache, and TMPDIR
 #      WORKDIR/workspaces (where the process worker makes each run's workspace)
 #   5. prefect deployment run bit-finetune/$DEPLOYMENT --params {"overrides": [...]} --watch
@@ -217,10 +218,9 @@ EOF
 ) || fail "no deployment named $DEPLOYMENT in $CHECKOUT/prefect.yaml"
 for pool in "${POOLS[@]}"; do
     cli work-pool inspect "$pool" >/dev/null 2>&1 || cli work-pool create "$pool" --type process >/dev/null
-    cli work-pool set-concurrency-limit "$pool" 1 >/dev/null
     cli concurrency-limit create "$pool-training" 1 >/dev/null
 done
-log "work pools ${POOLS[*]}: process type, 1 flow run at a time; tags ${POOLS[*]/%/-training}: 1 task"
+log "work pools ${POOLS[*]}: process type; tags ${POOLS[*]/%/-training}: 1 task"
 if ! cli automation inspect bit-crash-zombie-runs >/dev/null 2>&1; then
     cli automation create --from-file "$SCRIPTS/crash-zombie-runs.yaml" >/dev/null
 fi
@@ -234,7 +234,7 @@ log "deployed prefect.yaml from $CHECKOUT; runs clone file://$CHECKOUT"
 # --- 4. the worker: a host with its DVC cache, the shared DVC remote and its workspaces --------
 mkdir -p "$WORK/dvc-remote" "$WORK/dvc-cache" "$WORK/workspaces"
 start_bg worker env BIT_DVC_REMOTE="$WORK/dvc-remote" BIT_DVC_CACHE="$WORK/dvc-cache" \
-    TMPDIR="$WORK/workspaces" "$PREFECT" worker start --pool "$POOL" --name "e2e-$POOL-$$"
+    TMPDIR="$WORK/workspaces" "$PREFECT" worker start --pool "$POOL" --limit 1 --name "e2e-$POOL-$$"
 log "worker polling $POOL (DVC remote $WORK/dvc-remote, workspaces in $WORK/workspaces)"
 
 # --- 5. a run ---------------------------------------------------------------------------------
@@ -287,7 +287,8 @@ async def main() -> None:
         run = await client.read_flow_run(flow_run_id)
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-        deployments = await client.read_deployments()
+        deployments = [d for d in await client.read_deployments()
+                       if d.entrypoint.endswith(":bit_finetune")]
         scheduled = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
     keys = sorted(a.key for a in artifacts if a.key)

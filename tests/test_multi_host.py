@@ -100,7 +100,7 @@ def _start_worker(cluster: Cluster, host: str, pool: str) -> None:
                       XDG_CACHE_HOME=str(folder / "cache"), PREFECT_WORKER_QUERY_SECONDS="2",
                       PREFECT_WORKER_PREFETCH_SECONDS="5")
     cluster.start(f"worker-{host}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
-                                     "--name", host], env, folder)
+                                     "--limit", "1", "--name", host], env, folder)
 
 
 def _stop_workers(cluster: Cluster) -> None:
@@ -392,3 +392,118 @@ def test_bad_input_ends_the_run_early_in_one_line(cluster, two_runs):
     while _workspaces(cluster) and time.monotonic() < deadline:
         time.sleep(1)
     assert _workspaces(cluster) == []  # nor a workspace with its DVC lock
+
+
+# --- one model on two hosts: nodes=2 ---------------------------------------------------------------
+
+# Long enough to lose a node midway (a periodic checkpoint every 5 steps), short enough to finish.
+LONG = ["train.schedule=[2, 150, 200]", "train.eval_every=100", "train.checkpoint_every=5",
+        "train.peer_timeout=20"]
+
+
+@pytest.fixture(scope="module")
+def node_hosts(cluster):
+    """A second worker host in pool bit-cpu (host-c), from here on: the pool has host-a and
+    host-c, each taking one flow run at a time."""
+    cluster.hosts["host-c"] = cluster.root / "host-c"
+    _start_worker(cluster, "host-c", "bit-cpu")
+    return cluster
+
+
+def _node_runs(cluster: Cluster, run_id: str) -> list:
+    """The flow runs of the other nodes that run `run_id` started (named after it)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    with cluster.client() as client:
+        name = client.read_flow_run(run_id).name
+        return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(like_=f"{name}-node-")))
+
+
+def _worker_of(cluster: Cluster, run_id: str) -> str:
+    """The host whose worker submitted flow run `run_id`."""
+    (host,) = [host for host in cluster.hosts if f"submitting flow run '{run_id}'" in
+               (cluster.root / f"worker-{host}.log").read_text()]
+    return host
+
+
+def _mlflow_runs(cluster: Cluster, seed: int) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow)
+    experiment = client.get_experiment_by_name("bit-pipeline").experiment_id
+    return client.search_runs([experiment], f"params.`train.seed` = '{seed}'")
+
+
+@pytest.fixture(scope="module")
+def two_node_run(node_hosts):
+    cluster = node_hosts
+    run = _run(cluster, "cpu", seed=7, parameters={"nodes": 2})
+    return run, _wait_final(cluster, run)
+
+
+def test_two_nodes_train_one_model_from_one_flow_run(node_hosts, two_node_run):
+    from mlflow.tracking import MlflowClient
+
+    cluster, (run, state) = node_hosts, two_node_run
+    assert state.is_completed(), state.message
+    (node,) = _node_runs(cluster, run)
+    assert node.state.is_completed(), node.state.message
+    assert {_worker_of(cluster, run), _worker_of(cluster, str(node.id))} == {"host-a", "host-c"}
+    (tracked,) = _mlflow_runs(cluster, seed=7)  # one MLflow run, logged by rank 0 alone
+    assert tracked.data.params["train.nodes"] == "2"
+    assert tracked.data.params["plan.processes"] == "2"
+    assert len(MlflowClient(cluster.mlflow).get_metric_history(tracked.info.run_id, "loss")) == 2
+    versions = MlflowClient(cluster.mlflow).search_model_versions(
+        f"run_id = '{tracked.info.run_id}'")
+    assert len(versions) == 1  # one registered version
+    assert _outcomes(cluster, run)["finetune"] == "ran"
+
+
+def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, two_node_run):
+    cluster = node_hosts
+    run = _run(cluster, "cpu", seed=8, parameters={"nodes": 2, "overrides": [
+        "train.seed=8", *LONG]})
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not [p for folder in cluster.hosts.values()
+               for p in (folder / "tmp").rglob("models/resume/checkpoint.pt")]:
+        assert not _state(cluster, run).is_final(), _state(cluster, run).message
+        assert time.monotonic() < deadline, "no periodic checkpoint"
+        time.sleep(1)
+    lost = processes_with_env("BIT_NODE_RANK", "1")  # node 1's fine-tune and its processes
+    assert lost
+    for pid in lost:
+        os.kill(pid, signal.SIGKILL)
+    state = _wait_final(cluster, run, seconds=300)
+    assert state.is_failed(), state.name
+    lines = [line for log in _logs(cluster, run) for line in log.message.splitlines()]
+    named = [line for line in lines + [state.message or ""] if "lost node 1 (host" in line]
+    assert named, "\n".join(lines[-30:])
+    assert "rank 1" in named[0] and "resumes from the last checkpoint" in named[0]
+
+    cluster.prefect("flow-run", "retry", run)
+    state = _wait_final(cluster, run)
+    assert state.is_completed(), state.message
+    lines = [line for log in _logs(cluster, run) for line in log.message.splitlines()]
+    assert any("resuming from step" in line for line in lines)
+    (tracked,) = _mlflow_runs(cluster, seed=8)  # the retry continued the run
+    from mlflow.tracking import MlflowClient
+
+    steps = [m.step for m in MlflowClient(cluster.mlflow).get_metric_history(
+        tracked.info.run_id, "loss")]
+    assert sorted(set(steps)) == list(range(1, 201))
+
+
+def test_nodes_without_a_free_worker_end_the_run_in_one_line(node_hosts, two_node_run):
+    """Pool bit-gpu has one worker host (host-b): the other node is never started."""
+    cluster = node_hosts
+    run = _run(cluster, "gpu", seed=9, parameters={"nodes": 2, "overrides": [
+        "train.seed=9", "train.join_timeout=20"]})
+    state = _wait_final(cluster, run, seconds=600)
+    assert state.is_failed(), state.name
+    lines = [line for log in _logs(cluster, run) for line in log.message.splitlines()]
+    assert any("1 node(s) not started by a worker of pool bit-gpu within 20 s" in line
+               for line in lines + [state.message or ""]), "\n".join(lines[-30:])
+    (node,) = _node_runs(cluster, run)
+    assert node.state.is_final() and not node.state.is_completed()  # cancelled, never run
+    assert not _mlflow_runs(cluster, seed=9)

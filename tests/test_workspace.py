@@ -272,3 +272,27 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_host_for_the_next_run(orig
         assert (second / "keep" / "checkpoint.pt").read_text() == "step 10"
     with workspace.checkpoints_kept(_clone(origin, tmp_path / "third"), sharing, ["keep"]):
         assert not (tmp_path / "third" / "keep").exists()  # forgotten once the stage succeeded
+
+
+def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_another_host(
+        origin, tmp_path):
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    host_a = Sharing(tmp_path / "cache-a", str(remote))
+    host_b = Sharing(tmp_path / "cache-b", str(remote))
+    first = _clone(origin, tmp_path / "first")
+    workspace.configure(first, host_a)
+    with pytest.raises(RuntimeError):
+        with workspace.checkpoints_kept(first, host_a, ["keep"]):
+            (first / "keep" / "sub").mkdir(parents=True)
+            (first / "keep" / "checkpoint.pt").write_bytes(b"\x00step 10")
+            (first / "keep" / "sub" / "run.json").write_text("{}")
+            raise RuntimeError("lost node 1")  # the stage failed
+    kept = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
+    assert len(kept) == 2 and all(p.startswith("bit-resume/") for p in kept)
+    retry = _clone(origin, tmp_path / "retry")  # same commit and parameters, on host b
+    workspace.configure(retry, host_b)
+    with workspace.checkpoints_kept(retry, host_b, ["keep"]):
+        assert (retry / "keep" / "checkpoint.pt").read_bytes() == b"\x00step 10"
+        assert (retry / "keep" / "sub" / "run.json").read_text() == "{}"
+    assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded

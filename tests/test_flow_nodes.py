@@ -1,0 +1,37 @@
+"""The pieces of a multi-host run that need no Prefect server: where node 0 asks the others to
+meet, and what each node runs. The whole (a Prefect server, two worker hosts of one pool) is in
+tests/test_multi_host.py."""
+
+from __future__ import annotations
+
+import shlex
+
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from bit_core.config import TrainConfig
+from bit_core.distributed import meeting_place
+from flows import nodes
+
+
+def test_node_0_offers_its_address_toward_the_prefect_server(monkeypatch):
+    monkeypatch.delenv(nodes.ADDRESS_ENV, raising=False)
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        host, _, port = nodes.default_endpoint().rpartition(":")
+    assert host == "127.0.0.1" and 0 < int(port) < 65536
+
+
+def test_a_worker_can_name_its_own_address(monkeypatch):
+    monkeypatch.setenv(nodes.ADDRESS_ENV, "10.0.0.1")
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert nodes.default_endpoint().startswith("10.0.0.1:")
+
+
+def test_each_node_finds_the_meeting_place_and_its_rank_in_its_environment():
+    env = nodes.node_env("10.0.0.1:29400", "bit-run-1", 1)
+    assert meeting_place(TrainConfig(nodes=2), env) == ("10.0.0.1:29400", "bit-run-1", 1)
+
+
+def test_a_node_runs_the_fine_tune_stages_command_of_dvc_yaml(repo_root):
+    argv = nodes.stage_command(str(repo_root), "finetune")
+    assert argv[:2] == ["sh", "-c"]
+    assert shlex.split(argv[2])[:3] == ["python", "-m", "tasks.finetune"]
