@@ -415,6 +415,37 @@ def test_bit_predict_on_files_and_folders(pipeline, tmp_path):
             assert set(a["classes"]) <= {str(i) for i in range(10)}
 
 
+def test_predict_runs_the_back_end_the_evaluation_found_fastest(pipeline):
+    """bit predict picks with the evaluation's rule: the fastest measured back-end this CPU runs,
+    which answers as ONNX Runtime does; the registered champion brings its IR and its run's
+    metrics."""
+    from bit_core.backends import openvino_missing, serving_backend
+    from bit_core.config import load_params
+    from bit_core.device import cpu_units
+    from bit_core.serving import ImageClassifier
+    from tasks.predict import exported_classifier, open_model
+
+    work = pipeline[0]
+    onnx, ir = work / "models/onnx/model.onnx", work / "models/openvino"
+    assert exported_classifier(onnx, ir, {"onnxruntime_fps_bs32": 30.0,
+                                          "openvino_fp32_fps_bs32": 20.0}).backend == "onnxruntime"
+    assert exported_classifier(onnx, ir).backend == "onnxruntime"  # no evaluation: fp32, ORT
+    batch = np.random.default_rng(0).uniform(-1, 1, (3, 3, 16, 16)).astype(np.float32)
+    if openvino_missing() is None:
+        chosen = exported_classifier(onnx, ir, {"onnxruntime_fps_bs32": 10.0,
+                                                "openvino_fp32_fps_bs32": 20.0})
+        assert chosen.backend == "openvino_fp32"
+        assert np.allclose(chosen.probabilities(batch),
+                           ImageClassifier(onnx).probabilities(batch), atol=1e-5)
+    from mlflow.tracking import MlflowClient
+
+    champion = open_model("champion", load_params(work / "params.yaml"))
+    run_id = json.loads((work / "models/finetuned/mlflow_run.json").read_text())["run_id"]
+    metrics = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics
+    assert champion.backend == serving_backend(cpu_units(), metrics, 32).name
+    assert champion.probabilities(batch).shape == (3, 10)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--top-k", "11"], "top-k 11: the model has 10 classes; ask for 1 to 10"),
     (["--model", "nightly"], "--model nightly: give champion, challenger"),
