@@ -34,6 +34,45 @@ def utilization(results: dict) -> list[dict]:
     return out
 
 
+# Training targets where the CPU has AMX-bf16: a step at >= 25% of the bf16 GEMM peak, and
+# >= 2x timm's fastest correct configuration in the same run.
+TRAIN_TARGETS = {"of_peak": 0.25, "over_timm": 2.0}
+
+
+def targets(results: dict) -> dict | None:
+    """The training targets against this run's figures, or why they do not apply here."""
+    sections = results["sections"]
+    if "train" not in sections or "flops" not in sections:
+        return None
+    train, flops = sections["train"], sections["flops"]
+    peak, ours, theirs = flops["peak_gflops"], train["best"]["bit_core"], train["best"]["timm"]
+    if not (ours and theirs):
+        return None
+    mine = train["rows"][ours]
+    of_peak = flops["flops_per_image"]["bit_core"]["train"] * mine["img_s"] / 1e9 / peak["bf16"]
+    over_timm = mine["img_s"] / train["rows"][theirs]["img_s"]
+    reason = None if results["machine"]["amx"] else (
+        f"this CPU has no AMX-bf16: its bf16 GEMM peak is {peak['bf16']:.0f} GFLOP/s against "
+        f"{peak['fp32']:.0f} in fp32, so a bf16 step has no matrix unit to approach; the "
+        "targets are for AMX hosts")
+    return {"applies": reason is None, "reason": reason, "bit_core": ours, "timm": theirs,
+            "of_peak": of_peak, "over_timm": over_timm, "goal": TRAIN_TARGETS,
+            "met": {"of_peak": of_peak >= TRAIN_TARGETS["of_peak"],
+                    "over_timm": over_timm >= TRAIN_TARGETS["over_timm"]}}
+
+
+def _targets(t: dict) -> str:
+    lines = [f"- bit_core's fastest correct configuration ({t['bit_core']}): "
+             f"{100 * t['of_peak']:.0f}% of the bf16 GEMM peak (target "
+             f"{100 * t['goal']['of_peak']:.0f}%: {'met' if t['met']['of_peak'] else 'missed'})",
+             f"- against timm's fastest correct configuration ({t['timm']}): "
+             f"{t['over_timm']:.2f}x (target {t['goal']['over_timm']:.0f}x: "
+             f"{'met' if t['met']['over_timm'] else 'missed'})"]
+    if not t["applies"]:
+        lines.append(f"- Not applicable on this machine: {t['reason']}.")
+    return "\n".join(lines)
+
+
 def _f(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "**no**"
@@ -65,7 +104,7 @@ def _ratios(ratios: list[dict], section: bool = False) -> str:
 COLUMNS = {
     "train": [("images/s", lambda r: r["img_s"]), ("step s: fastest / median / slowest", _spread),
               ("first step s", lambda r: r["first_step_s"]),
-              ("loss rel. diff vs fp32", lambda r: f"{r['loss_rel_diff']:.1e}"),
+              ("loss MRE vs fp32", lambda r: f"{r['loss_mre']:.4f}"),
               ("correct", lambda r: r["correct"])],
     "infer": [("images/s", lambda r: r["img_s"]), ("batch s: fastest / median / slowest", _spread),
               ("first call s", lambda r: r["first_call_s"]),
@@ -102,7 +141,27 @@ def _machine(m: dict) -> str:
         f"{m.get('elapsed_s', 0):.0f} s"])
 
 
-def _section(name: str, s: dict) -> list[str]:
+def _train_table(s: dict, flops: dict, peak: dict) -> str:
+    """Each configuration's images/s for bit_core beside timm's, and as a fraction of the GEMM
+    peak of its precision."""
+    rows = []
+    for key, r in s["rows"].items():
+        if r["library"] != "bit_core":
+            continue
+        config = key.removeprefix("bit_core ")
+        t = s["rows"].get(f"timm {config}", {})
+        share = {lib: flops[lib]["train"] * x["img_s"] / 1e9 / peak[r["precision"]]
+                 for lib, x in (("bit_core", r), ("timm", t)) if "img_s" in x}
+        rows.append([config, r["img_s"], t.get("img_s"),
+                     f"{r['img_s'] / t['img_s']:.2f}x" if t else None,
+                     *(f"{100 * share[lib]:.0f}%" if lib in share else None
+                       for lib in ("bit_core", "timm")),
+                     r["correct"] and t.get("correct", False)])
+    return _table(["configuration", "bit_core images/s", "timm images/s", "bit_core / timm",
+                   "bit_core of peak", "timm of peak", "both correct"], rows)
+
+
+def _section(name: str, s: dict, peaks: tuple | None = None) -> list[str]:
     out = [f"## {TITLES[name]}\n",
            f"{s['elapsed_s']:.0f} s; load average (1 min) at its end {s['loadavg_end'][0]:.1f}.\n"]
     if name == "flops":
@@ -112,12 +171,21 @@ def _section(name: str, s: dict) -> list[str]:
                    f"{f['train'] / 1e9:.2f} G. GEMM peak: the fastest torch.mm call of the run, "
                    f"fp32 {s['peak_gflops']['fp32']:.0f}, bf16 {s['peak_gflops']['bf16']:.0f} "
                    "GFLOP/s.\n")
+    if name == "train" and peaks:
+        out.append(_train_table(s, *peaks) + "\n")
     columns = COLUMNS[name]
     out.append(_table(["", *(c[0] for c in columns)],
                       [[k, *(fn(r) for _, fn in columns)] for k, r in s["rows"].items()]) + "\n")
     if s["ratios"]:
         out.append(_ratios(s["ratios"]) + "\n")
-    for key, ops in s.get("profiles", {}).items():
+    for key, p in s.get("profiles", {}).items():
+        ops = p["ops"] if isinstance(p, dict) else p  # results of schema 2 list the ops only
+        if isinstance(p, dict):
+            out.append(f"Where one step of {key} spends its time (torch.profiler, self CPU time "
+                       "by kind of kernel):\n\n" + _table(
+                           ["kind", "self ms", "share"],
+                           [[k["kind"], k["self_ms"], f"{100 * k['share']:.0f}%"]
+                            for k in p["kinds"]]) + "\n")
         out.append(f"One step of {key} (torch.profiler, ops by self CPU time):\n\n" + _table(
             ["op", "self ms", "share", "calls"],
             [[o["op"], o["self_ms"], f"{100 * o['share']:.0f}%", o["calls"]] for o in ops]) + "\n")
@@ -145,8 +213,12 @@ def markdown(results: dict) -> str:
     out += [f"**Section {k} failed:** {v.strip().splitlines()[-1]}\n"
             for k, v in results["errors"].items()]
     out += ["## Headline\n", _ratios(results["headline"], section=True) + "\n"]
+    flops = s.get("flops")
+    peaks = (flops["flops_per_image"], flops["peak_gflops"]) if flops else None
+    if results.get("targets"):
+        out += ["## Training targets\n", _targets(results["targets"]) + "\n"]
     for name, section in s.items():
-        out += _section(name, section)
+        out += _section(name, section, peaks)
     if results["utilization"]:
         out += ["## Achieved GFLOP/s against the GEMM peak\n", _table(
             ["row", "GFLOP / image", "images/s", "GFLOP/s", "of peak"],

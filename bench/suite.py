@@ -32,6 +32,7 @@ class Settings:
     resolution: int = 128
     train_batch: int = 32
     train_rounds: int = 5
+    curve_steps: int = 20  # steps of each training configuration's loss curve (and warm-up)
     infer_batches: tuple[int, ...] = (1, 8, 32)
     infer_rounds: dict[int, int] = field(default_factory=lambda: {1: 20, 8: 8, 32: 5})
     infer_warmup: int = 1  # rounds after the first call, not counted
@@ -58,7 +59,8 @@ def quick(s: Settings) -> Settings:
     """Tiny sizes, no torch.compile: proves that every section runs and writes its results in
     seconds. Its numbers are not comparable to a full run's."""
     return replace(
-        s, quick=True, compile_precision=None, resolution=32, train_batch=1, train_rounds=1,
+        s, quick=True, compile_precision=None, resolution=32, train_batch=2, train_rounds=1,
+        curve_steps=3,
         infer_batches=(1, 2), infer_rounds={1: 1, 2: 1}, infer_warmup=0, gemm_sizes=(256,),
         gemm_repeats=2,
         data_sizes={"CIFAR-10": {**s.data_sizes["CIFAR-10"], "precrop": 40, "crop": 32,
@@ -139,6 +141,7 @@ def write(results: dict, out: Path) -> None:
     from bit_core.io import atomic_write_text
 
     results["utilization"] = report.utilization(results)
+    results["targets"] = report.targets(results)
     results["headline"] = [{**r, "section": name} for name, s in results["sections"].items()
                            for r in s["ratios"] if r["headline"]]
     results["headline"] += [{**u, "section": "flops"} for u in results["utilization"]
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = quick(settings) if args.quick else settings
     log(f"bench: {', '.join(args.sections)}{' (quick)' if args.quick else ''}, "
         f"{settings.threads} threads, into {args.out}")
-    results = {"schema": 2, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+    results = {"schema": 3, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "machine": machine, "settings": asdict(settings), "sections": {},
         "errors": {}}
     start = time.perf_counter()

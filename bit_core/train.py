@@ -362,9 +362,11 @@ class Trainer:
         return self.model.no_sync()
 
     def _channels_last(self) -> bool:
+        """As set; else on for cuda/npu, and on a CPU training in bf16, whose convolutions
+        (oneDNN on AMX) and 1x1 products want the channels innermost."""
         if self.cfg.channels_last is not None:
             return self.cfg.channels_last
-        return self.device.type in ("cuda", "npu")
+        return self.device.type in ("cuda", "npu") or self.precision == "bf16"
 
     def fit(self, checkpoint_path: Path | None = None, until: int | None = None) -> TrainState:
         """Train from the current state to step `until` (default: cfg.stop_after, else the end

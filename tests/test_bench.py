@@ -1,9 +1,11 @@
 """`python -m bench --quick`: every section runs and writes results that hold together.
 
 One run of the real command in a subprocess, as `make bench` starts it (so OMP_WAIT_POLICY is
-set before torch loads): about a minute, tiny sizes, every section. The tests check the schema,
-that the numbers are positive, and that every ratio and achieved GFLOP/s figure is computed from
-the numbers reported beside it. They assert nothing about speed: how fast this machine is today,
+set before torch loads): about a minute, tiny sizes, every section but `precision` (which
+fine-tunes the default experiment twice, a slow test of its own). The tests check the schema,
+that the numbers are positive, that every ratio, achieved GFLOP/s figure and target is computed
+from the numbers reported beside it, and that each training configuration is judged by its real
+loss curve against fp32. They assert nothing about speed: how fast this machine is today,
 under whatever else runs on it, is not a property of the code.
 """
 
@@ -19,9 +21,12 @@ from pathlib import Path
 
 import pytest
 
-SECTIONS = ["train", "infer", "flops", "data", "overhead"]
+from bit_core.align import compare_curves
+
+SECTIONS = ["train", "infer", "flops", "data", "overhead"]  # `precision` runs apart (slow)
 TITLES = ["Training", "Inference", "GEMM peak", "Data loading against training",
-          "Pipeline overhead", "Headline", "Achieved GFLOP/s against the GEMM peak"]
+          "Pipeline overhead", "Headline", "Achieved GFLOP/s against the GEMM peak",
+          "Training targets"]
 
 
 def close(a: float, b: float) -> bool:
@@ -37,13 +42,13 @@ def bench(repo_root: Path, *args: str) -> None:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, repo_root) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("bench")
-    bench(repo_root, "--quick", "--out", str(out))
+    bench(repo_root, "--quick", "--only", ",".join(SECTIONS), "--out", str(out))
     return out, json.loads((out / "results.json").read_text())
 
 
 def test_writes_every_section(quick_run) -> None:
     out, results = quick_run
-    assert results["schema"] == 2 and results["settings"]["quick"] is True
+    assert results["schema"] == 3 and results["settings"]["quick"] is True
     assert results["errors"] == {}
     assert list(results["sections"]) == SECTIONS
     markdown = (out / "RESULTS.md").read_text()
@@ -126,3 +131,54 @@ def test_render_rebuilds_the_same_report(quick_run, tmp_path, repo_root) -> None
     shutil.copy(out / "results.json", tmp_path / "results.json")
     bench(repo_root, "--render", "--out", str(tmp_path))
     assert (tmp_path / "RESULTS.md").read_text() == (out / "RESULTS.md").read_text()
+
+
+def _curve(stored: dict) -> dict[int, float]:
+    return {int(step): loss for step, loss in stored.items()}  # JSON keys are strings
+
+
+def test_training_is_judged_by_its_loss_curve_against_fp32(quick_run) -> None:
+    """Each configuration trained real steps; `correct` is the alignment rule on its loss curve
+    against its library's fp32 curve, and the fastest correct row is each library's best."""
+    train = quick_run[1]["sections"]["train"]
+    rows = train["rows"]
+    for lib in ("bit_core", "timm"):
+        reference = _curve(rows[f"{lib} fp32"]["curve"])
+        assert len(reference) == train["curve_steps"]
+        for key, r in rows.items():
+            if r["library"] != lib:
+                continue
+            align = compare_curves(_curve(r["curve"]), reference)
+            assert align.steps == train["curve_steps"], key
+            assert math.isclose(r["loss_mre"], align.mre) and r["correct"] == align.passed, key
+        fastest = max((k for k, r in rows.items() if r["library"] == lib and r["correct"]),
+                      key=lambda k: rows[k]["img_s"])
+        assert train["best"][lib] == fastest
+
+
+def test_states_the_training_targets(quick_run) -> None:
+    results = quick_run[1]
+    t, train = results["targets"], results["sections"]["train"]
+    ours, theirs = train["rows"][t["bit_core"]], train["rows"][t["timm"]]
+    assert close(t["over_timm"], ours["img_s"] / theirs["img_s"])
+    flops = results["sections"]["flops"]
+    assert close(t["of_peak"], flops["flops_per_image"]["bit_core"]["train"] * ours["img_s"]
+                 / 1e9 / flops["peak_gflops"]["bf16"])
+    assert t["applies"] == results["machine"]["amx"] and (t["reason"] is None) == t["applies"]
+
+
+@pytest.mark.slow
+def test_precision_section_fine_tunes_the_default_experiment_in_both(tmp_path, repo_root) -> None:
+    """The stages' own commands fine-tune params.yaml's experiment a few steps in fp32 and bf16;
+    the MRE reported is that of the two loss curves written, and both are scored on the test
+    split."""
+    bench(repo_root, "--quick", "--only", "precision", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    s = results["sections"]["precision"]
+    curves = {p: _curve(c) for p, c in s["curves"].items()}
+    assert set(curves) == {"fp32", "bf16"} and len(curves["fp32"]) == s["steps"] == 5
+    align = compare_curves(curves["bf16"], curves["fp32"])
+    assert math.isclose(s["mre"], align.mre) and s["aligned"] == align.passed
+    for r in s["rows"].values():
+        assert 0 <= r["test_top1"] <= 100 and r["steps"] == s["steps"]
+    assert "## bf16 against fp32 on the default experiment" in (tmp_path / "RESULTS.md").read_text()
