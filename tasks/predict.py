@@ -104,8 +104,10 @@ def _registered(name: str, spec: str) -> tuple[Path, Path | None, dict[str, floa
     if not found:
         raise ConfigError(f"{uri} has no ONNX file: it was registered by an older version of "
                           "the pipeline; re-run the register stage")
-    ir_dir = local / "artifacts" / "openvino"
-    return found[0], ir_dir if ir_dir.is_dir() else None, metrics
+    from bit_core.contracts import IR_MANIFEST
+
+    ir = sorted(local.glob(f"artifacts/*/{IR_MANIFEST}"))  # the IR folder, under its own name
+    return found[0], ir[0].parent if ir else None, metrics
 
 
 def open_model(spec: str, params: Params | None) -> ImageClassifier:
