@@ -439,6 +439,11 @@ def test_predict_runs_the_back_end_the_evaluation_found_fastest(pipeline):
                            ImageClassifier(onnx).probabilities(batch), atol=1e-5)
     from mlflow.tracking import MlflowClient
 
+    import mlflow
+
+    registered = Path(mlflow.artifacts.download_artifacts("models:/bit-classifier@champion"))
+    assert {"model.xml", "model.bin", "int8.xml", "int8.bin", "manifest.json"} <= \
+        {p.name for p in (registered / "artifacts/openvino").iterdir()}  # models/openvino
     champion = open_model("champion", load_params(work / "params.yaml"))
     run_id = json.loads((work / "models/finetuned/mlflow_run.json").read_text())["run_id"]
     metrics = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics
