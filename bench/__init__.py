@@ -4,7 +4,8 @@ bit_core's BiT-M-R50x1 against timm's ``resnetv2_50x1_bit`` (the same network) i
 the variants of each section taking turns round by round, so a change in the machine's load
 hits them alike and the ratios stay meaningful on a shared machine:
 
-- ``train``    training images/s through ``bit_core.train.Trainer``, fp32 / bf16 / compiled;
+- ``train``    training images/s through ``bit_core.train.Trainer``, fp32 / bf16 / compiled, each
+               configuration judged by its loss curve against fp32; the training targets;
 - ``infer``    inference images/s per batch size, eager / folded / bf16 / compiled, and ONNX
                Runtime on bit_core's export;
 - ``flops``    the model's FLOPs and the GEMM peak of this machine, so that every row above gets
@@ -18,4 +19,6 @@ hits them alike and the ratios stay meaningful on a shared machine:
 Results: ``bench/results/results.json`` and ``RESULTS.md`` (``--out`` to change).
 """
 
-SECTIONS = ("train", "infer", "flops", "data", "precision", "overhead")
+# `data` runs before `infer`: its loaders fork worker processes, which crashed (SIGSEGV) when
+# the `infer` section's back-ends (ONNX Runtime, OpenVINO, inductor) had run in the process.
+SECTIONS = ("train", "data", "infer", "flops", "precision", "overhead")

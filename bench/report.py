@@ -104,7 +104,7 @@ def _ratios(ratios: list[dict], section: bool = False) -> str:
 COLUMNS = {
     "train": [("images/s", lambda r: r["img_s"]), ("step s: fastest / median / slowest", _spread),
               ("first step s", lambda r: r["first_step_s"]),
-              ("loss MRE vs fp32", lambda r: f"{r['loss_mre']:.4f}"),
+              ("loss MRE vs fp32", lambda r: f"{r['loss_mre']:.4f}" if "loss_mre" in r else None),
               ("correct", lambda r: r["correct"])],
     "infer": [("images/s", lambda r: r["img_s"]), ("batch s: fastest / median / slowest", _spread),
               ("first call s", lambda r: r["first_call_s"]),
