@@ -14,7 +14,8 @@ EVAL_METRICS = "reports/eval/metrics.json"
 TRAIN_METRICS = "reports/train/metrics.json"
 RUN_RECORD = f"models/finetuned/{MLFLOW_RUN}"
 RESULTS = (EVAL_METRICS, EVAL_TABLE, "reports/eval/fps.png", "reports/eval/confusion.png",
-           "reports/train/loss.png", "models/onnx/model.onnx", "models/om/manifest.json")
+           "reports/train/loss.png", "models/onnx/model.onnx", "models/om/manifest.json",
+           "models/openvino/manifest.json")
 
 
 def _stages(repo: Path) -> dict:

@@ -98,6 +98,7 @@ def _start_worker(cluster: Cluster, host: str, pool: str) -> None:
     env = cluster.env(BIT_DVC_REMOTE=REMOTE, BIT_DVC_CACHE=str(folder / "dvc-cache"),
                       TMPDIR=str(folder / "tmp"), PREFECT_HOME=str(folder / "prefect"),
                       XDG_CACHE_HOME=str(folder / "cache"), PREFECT_WORKER_QUERY_SECONDS="2",
+                      OMP_NUM_THREADS="1",  # two hosts share 2 cores: no thread oversubscription
                       PREFECT_WORKER_PREFETCH_SECONDS="5")
     cluster.start(f"worker-{host}", [str(BIN / "prefect"), "worker", "start", "--pool", pool,
                                      "--limit", "1", "--name", host], env, folder)
@@ -396,8 +397,8 @@ def test_bad_input_ends_the_run_early_in_one_line(cluster, two_runs):
 
 # --- one model on two hosts: nodes=2 ---------------------------------------------------------------
 
-# Long enough to lose a node midway (a periodic checkpoint every 5 steps), short enough to finish.
-LONG = ["train.schedule=[2, 150, 200]", "train.eval_every=100", "train.checkpoint_every=5",
+# Long enough to lose a node midway (a periodic checkpoint every 2 steps), short enough to finish.
+LONG = ["train.schedule=[2, 20, 30]", "train.eval_every=100", "train.checkpoint_every=2",
         "train.peer_timeout=20"]
 
 
@@ -469,7 +470,7 @@ def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, 
                for p in (folder / "tmp").rglob("models/resume/checkpoint.pt")]:
         assert not _state(cluster, run).is_final(), _state(cluster, run).message
         assert time.monotonic() < deadline, "no periodic checkpoint"
-        time.sleep(1)
+        time.sleep(0.2)
     lost = processes_with_env("BIT_NODE_RANK", "1")  # node 1's fine-tune and its processes
     assert lost
     for pid in lost:
@@ -479,7 +480,9 @@ def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, 
     lines = [line for log in _logs(cluster, run) for line in log.message.splitlines()]
     named = [line for line in lines + [state.message or ""] if "lost node 1 (host" in line]
     assert named, "\n".join(lines[-30:])
-    assert "rank 1" in named[0] and "resumes from the last checkpoint" in named[0]
+    # node 1's ranks, or the job's store when the rendezvous put it on node 1's host
+    assert ("rank 1)" in named[0] or "with the job's store)" in named[0]) and \
+        "resumes from the last checkpoint" in named[0], named[0]
 
     cluster.prefect("flow-run", "retry", run)
     state = _wait_final(cluster, run)
@@ -491,7 +494,7 @@ def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, 
 
     steps = [m.step for m in MlflowClient(cluster.mlflow).get_metric_history(
         tracked.info.run_id, "loss")]
-    assert sorted(set(steps)) == list(range(1, 201))
+    assert sorted(set(steps)) == list(range(1, 31))
 
 
 def test_nodes_without_a_free_worker_end_the_run_in_one_line(node_hosts, two_node_run):
