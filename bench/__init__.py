@@ -19,6 +19,7 @@ hits them alike and the ratios stay meaningful on a shared machine:
 Results: ``bench/results/results.json`` and ``RESULTS.md`` (``--out`` to change).
 """
 
-# `data` runs before `infer`: its loaders fork worker processes, which crashed (SIGSEGV) when
-# the `infer` section's back-ends (ONNX Runtime, OpenVINO, inductor) had run in the process.
-SECTIONS = ("train", "data", "infer", "flops", "precision", "overhead")
+# `infer` runs last: the sections that start processes (data's loader workers, precision's and
+# overhead's stages) crashed the bench (SIGSEGV) once its back-ends (ONNX Runtime, OpenVINO,
+# inductor) had run in the process.
+SECTIONS = ("train", "data", "flops", "precision", "overhead", "infer")

@@ -23,7 +23,7 @@ import pytest
 
 from bit_core.align import compare_curves
 
-SECTIONS = ["train", "data", "infer", "flops", "overhead"]  # `precision` runs apart (slow)
+SECTIONS = ["train", "data", "flops", "overhead", "infer"]  # `precision` runs apart (slow)
 TITLES = ["Training", "Inference", "GEMM peak", "Data loading against training",
           "Pipeline overhead", "Headline", "Achieved GFLOP/s against the GEMM peak",
           "Training targets"]
