@@ -139,16 +139,21 @@ def start_nodes(deployment: str, nodes: int, parameters: dict) -> list[str]:
     return started
 
 
-def _ready(client, run_id: str) -> bool:
-    """Whether a node's flow run is training; NodeError when it ended first."""
+def _readiness(client, run_id: str) -> str:
+    """"ready" when a node's flow run is training, "idle" while no worker has taken it, else
+    "starting"; NodeError when it ended first."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     run = client.read_flow_run(run_id)
     if run.state and run.state.is_final():
         raise NodeError(redact(f"node flow run {run.name} ended {run.state.name} before "
                                f"training: {run.state.message or 'see its log'}"))
+    if run.state and run.state.is_scheduled():
+        return "idle"
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-    return any(t.name.startswith(READY_TASK) and t.state and t.state.is_running() for t in tasks)
+    training = any(t.name.startswith(READY_TASK) and t.state and t.state.is_running()
+                   for t in tasks)
+    return "ready" if training else "starting"
 
 
 @task(name="wait-for-nodes")
@@ -161,9 +166,9 @@ def wait_for_nodes(run_ids: list[str], start_timeout: float, pool: str) -> None:
     waiting = list(run_ids)
     with get_client(sync_client=True) as client:
         while waiting:
-            waiting = [run_id for run_id in waiting if not _ready(client, run_id)]
-            idle = [run_id for run_id in waiting
-                    if (state := client.read_flow_run(run_id).state) and state.is_scheduled()]
+            states = {run_id: _readiness(client, run_id) for run_id in waiting}
+            waiting = [run_id for run_id, state in states.items() if state != "ready"]
+            idle = [run_id for run_id in waiting if states[run_id] == "idle"]
             if idle and time.monotonic() > deadline:
                 raise NodeError(f"{len(idle)} node(s) not started by a worker of pool {pool} "
                                 f"within {start_timeout:.0f} s (train.join_timeout): start a "
@@ -257,7 +262,8 @@ def bit_node(overrides: list[str], commit: str, rdzv_endpoint: str, rdzv_id: str
     pipeline.prepare_workspace(repo)
     checkout(repo, commit)
     params = pipeline.apply_params(repo, overrides)
-    for stage in dag.stages(repo)[:dag.stages(repo).index(pipeline.TRAIN_STAGE)]:
+    stages = dag.stages(repo)
+    for stage in stages[:stages.index(pipeline.TRAIN_STAGE)]:
         pipeline.run_stage(stage, repo, shared=True)
     env = node_env(rdzv_endpoint, rdzv_id, node_rank)
     train_node.with_options(task_run_name=f"{READY_TASK} {node_rank}")(repo, env)
@@ -270,8 +276,8 @@ def train_node(repo: str, env: dict[str, str]) -> None:
     node 0)."""
     from flows import pipeline
 
-    code, output = pipeline.command(repo, stage_command(repo, pipeline.TRAIN_STAGE), env=env)
+    argv = stage_command(repo, pipeline.TRAIN_STAGE)
+    code, output = pipeline.command(repo, argv, env=env)
     if code != 0:
         errors = [line for line in output.splitlines() if line.startswith("error:")]
-        raise NodeError((errors or [f"{shlex.join(stage_command(repo, 'finetune'))} exited "
-                                    f"{code}"])[-1])
+        raise NodeError((errors or [f"{shlex.join(argv)} exited {code}"])[-1])

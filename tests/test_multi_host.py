@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bit_core.distributed import NODE_RANK_ENV
 from tasks import environment
 from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
                             running_s3_server, running_server, stop_group)
@@ -471,7 +472,7 @@ def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, 
         assert not _state(cluster, run).is_final(), _state(cluster, run).message
         assert time.monotonic() < deadline, "no periodic checkpoint"
         time.sleep(0.2)
-    lost = processes_with_env("BIT_NODE_RANK", "1")  # node 1's fine-tune and its processes
+    lost = processes_with_env(NODE_RANK_ENV, "1")  # node 1's fine-tune and its processes
     assert lost
     for pid in lost:
         os.kill(pid, signal.SIGKILL)
