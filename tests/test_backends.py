@@ -123,3 +123,57 @@ def test_ir_matches_pytorch_in_fp32_and_runs_bf16_and_int8(exported, tmp_path):
         assert got.shape == expected.shape and np.isfinite(got).all()
         assert 0 <= top1_agreement(got, expected) <= 100
     assert inference_precision("int8", AVX2) == "f32" and inference_precision("bf16", AMX) == "bf16"
+
+
+@needs_openvino
+def test_openvino_reads_the_stem_padding_as_one_pad(exported):
+    import openvino as ov
+
+    from bit_core.openvino_ir import read_onnx, stem_pad_as_pad
+
+    _, onnx_path = exported
+    model = read_onnx(onnx_path)
+    pool = next(op for op in model.get_ordered_ops() if op.get_type_name() == "MaxPool")
+    pad = pool.input(0).get_source_output().get_node()
+    assert pad.get_type_name() == "Pad"
+    assert pad.input(0).get_source_output().get_node().get_type_name() == "Convolution"
+    begins, ends = (pad.input(i).get_source_output().get_node().get_data() for i in (1, 2))
+    assert list(begins) == list(ends) == [0, 0, 1, 1]
+    assert not any(op.get_friendly_name().startswith("/root/pad/") and op.get_type_name() ==
+                   "Concat" for op in model.get_ordered_ops())
+    assert not stem_pad_as_pad(model)  # nothing left to rewrite
+    assert stem_pad_as_pad(ov.Core().read_model(str(onnx_path)))
+
+
+@needs_openvino
+def test_openvino_reads_weights_stored_beside_the_graph(exported, tmp_path, monkeypatch):
+    """A model over ~1.8 GB keeps its weights in <name>.data; OpenVINO reads the rewritten graph
+    with those weights, and the IR gives the same logits as from the one-file export."""
+    import onnx
+
+    from bit_core import export
+    from bit_core.openvino_ir import ir_predictor, read_onnx, save_ir
+
+    _, onnx_path = exported
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)
+    (tmp_path / "split").mkdir()
+    split = export.save_onnx(onnx.load(str(onnx_path)), tmp_path / "split" / "model.onnx")
+    assert (split.parent / "model.onnx.data").stat().st_size > split.stat().st_size
+    whole = save_ir(read_onnx(onnx_path), tmp_path / "whole.xml")
+    apart = save_ir(read_onnx(split), tmp_path / "apart.xml")
+    x = np.random.default_rng(1).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_array_equal(ir_predictor(apart, "f32")(x), ir_predictor(whole, "f32")(x))
+
+
+@needs_openvino
+def test_a_batch_split_across_streams_gives_the_same_logits(exported, tmp_path):
+    from bit_core.openvino_ir import ir_predictor, read_onnx, save_ir
+
+    _, onnx_path = exported
+    xml = save_ir(read_onnx(onnx_path), tmp_path / "model.xml")
+    x = np.random.default_rng(2).uniform(-1, 1, (5, 3, 32, 32)).astype(np.float32)
+    one_request = np.concatenate([ir_predictor(xml, "f32", threads=1)(x[i:i + 1])
+                                  for i in range(len(x))])
+    for threads in (None, 2):
+        got = ir_predictor(xml, "f32", threads=threads)(x)
+        np.testing.assert_allclose(got, one_request, rtol=0, atol=1e-5)
