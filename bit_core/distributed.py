@@ -359,7 +359,9 @@ def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
     settings, meet in torchrun's c10d rendezvous there (``torchrun --nnodes --rdzv-backend=c10d
     --rdzv-endpoint --rdzv-id``, through :func:`_rendezvous_handler`): the node at the endpoint
     hosts it, and all wait up to ``cfg.join_timeout`` seconds for the others. The rendezvous
-    numbers the nodes (by host name), so rank 0, which alone writes, can be on any of them.
+    numbers the nodes by host name, so rank 0, which alone writes, can be on any of them, unless
+    each node asks for its rank (``BIT_NODE_RANK``, agreed in :func:`agreed_node_ranks`), as the
+    flow's nodes do. :func:`meeting_place` says where they meet.
     Without an endpoint: ``torchrun --standalone``. Nothing is restarted (``--max-restarts=0``):
     a retry resumes from the checkpoint instead.
 
