@@ -5,7 +5,7 @@ OpenVINO reads the exported ONNX itself (``Core.read_model``) after one rewrite:
 padding, which the export writes as concatenated zeros for ONNX Runtime's sake
 (``bit_core.export.ConcatZeroPad``), goes back to one ``Pad``. OpenVINO keeps a ``Pad`` apart from
 the max-pool after it, and the concatenation cost it a planar copy and three layout reorders of
-the stem's output (13% of an int8 batch of 32 at 128 px). The int8 IR is NNCF's post-training
+the stem's output (about 15% of an int8 batch of 32 at 128 px). The int8 IR is NNCF's post-training
 quantization of that model (``nncf.quantize``), calibrated on preprocessed training images.
 bf16 is not a file: it is how OpenVINO's CPU plug-in runs the fp32 IR on a CPU with bf16 units
 (``INFERENCE_PRECISION_HINT``), converting the weights when it compiles the model.
