@@ -6,8 +6,8 @@ hits them alike and the ratios stay meaningful on a shared machine:
 
 - ``train``    training images/s through ``bit_core.train.Trainer``, fp32 / bf16 / compiled, each
                configuration judged by its loss curve against fp32; the training targets;
-- ``infer``    inference images/s per batch size, eager / folded / bf16 / compiled, and ONNX
-               Runtime on bit_core's export;
+- ``infer``    inference images/s per batch size, eager / folded / bf16 / compiled, ONNX Runtime
+               and OpenVINO (bf16, int8) on bit_core's export; the inference targets;
 - ``flops``    the model's FLOPs and the GEMM peak of this machine, so that every row above gets
                its achieved GFLOP/s and fraction of that peak;
 - ``data``     data-loading images/s against training images/s, CIFAR-10- and ImageNet-sized;

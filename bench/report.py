@@ -61,6 +61,50 @@ def targets(results: dict) -> dict | None:
                     "over_timm": over_timm >= TRAIN_TARGETS["over_timm"]}}
 
 
+# Inference targets where the CPU has AMX: the fastest correct back-end at batch 32 at >= 40% of
+# the bf16 GEMM peak, and a batch of one in <= 8 ms. Accuracy is the evaluate stage's to judge
+# (top-1 on the test split within its gate of fp32); the bench checks logits on random weights.
+INFER_TARGETS = {"of_peak": 0.40, "batch1_ms": 8.0, "batch": 32}
+
+
+def infer_targets(results: dict) -> dict | None:
+    """The inference targets against this run's figures (at its largest batch, which is 32 but
+    for --quick), or None without the infer and flops sections."""
+    from bench.measure import best
+
+    sections = results["sections"]
+    if "infer" not in sections or "flops" not in sections:
+        return None
+    rows, flops = sections["infer"]["rows"], sections["flops"]
+    batch = max(sections["infer"]["batches"])
+    wide, one = best(rows, library="bit_core", batch=batch), best(rows, library="bit_core", batch=1)
+    if not (wide and one):
+        return None
+    of_peak = (flops["flops_per_image"]["bit_core"]["forward"] * rows[wide]["img_s"] / 1e9
+               / flops["peak_gflops"]["bf16"])
+    batch1_ms = 1000 * rows[one]["min_s"]
+    reason = None if results["machine"]["amx"] else (
+        "this CPU has no AMX: the targets are for AMX hosts")
+    return {"applies": reason is None, "reason": reason, "batch": batch, "wide": wide,
+            "one": one, "of_peak": of_peak, "batch1_ms": batch1_ms, "goal": INFER_TARGETS,
+            "met": {"of_peak": of_peak >= INFER_TARGETS["of_peak"],
+                    "batch1_ms": batch1_ms <= INFER_TARGETS["batch1_ms"]}}
+
+
+def _infer_targets(t: dict) -> str:
+    lines = [f"- batch {t['batch']}, bit_core's fastest correct back-end ({t['wide']}): "
+             f"{100 * t['of_peak']:.0f}% of the bf16 GEMM peak (target "
+             f"{100 * t['goal']['of_peak']:.0f}% at batch {t['goal']['batch']}: "
+             f"{'met' if t['met']['of_peak'] else 'missed'})",
+             f"- batch 1, bit_core's fastest correct back-end ({t['one']}): "
+             f"{t['batch1_ms']:.1f} ms (target {t['goal']['batch1_ms']:.0f} ms: "
+             f"{'met' if t['met']['batch1_ms'] else 'missed'})",
+             "- accuracy: the evaluate stage's gates, on the test split (reports/eval/fps.md)"]
+    if not t["applies"]:
+        lines.append(f"- Not applicable on this machine: {t['reason']}.")
+    return "\n".join(lines)
+
+
 def _targets(t: dict) -> str:
     lines = [f"- bit_core's fastest correct configuration ({t['bit_core']}): "
              f"{100 * t['of_peak']:.0f}% of the bf16 GEMM peak (target "
@@ -217,6 +261,8 @@ def markdown(results: dict) -> str:
     peaks = (flops["flops_per_image"], flops["peak_gflops"]) if flops else None
     if results.get("targets"):
         out += ["## Training targets\n", _targets(results["targets"]) + "\n"]
+    if results.get("infer_targets"):
+        out += ["## Inference targets\n", _infer_targets(results["infer_targets"]) + "\n"]
     for name, section in s.items():
         out += _section(name, section, peaks)
     if results["utilization"]:

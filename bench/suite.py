@@ -142,6 +142,7 @@ def write(results: dict, out: Path) -> None:
 
     results["utilization"] = report.utilization(results)
     results["targets"] = report.targets(results)
+    results["infer_targets"] = report.infer_targets(results)
     results["headline"] = [{**r, "section": name} for name, s in results["sections"].items()
                            for r in s["ratios"] if r["headline"]]
     results["headline"] += [{**u, "section": "flops"} for u in results["utilization"]

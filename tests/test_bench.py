@@ -26,7 +26,7 @@ from bit_core.align import compare_curves
 SECTIONS = ["train", "data", "flops", "overhead", "infer"]  # `precision` runs apart (slow)
 TITLES = ["Training", "Inference", "GEMM peak", "Data loading against training",
           "Pipeline overhead", "Headline", "Achieved GFLOP/s against the GEMM peak",
-          "Training targets"]
+          "Training targets", "Inference targets"]
 
 
 def close(a: float, b: float) -> bool:
@@ -165,6 +165,23 @@ def test_states_the_training_targets(quick_run) -> None:
     assert close(t["of_peak"], flops["flops_per_image"]["bit_core"]["train"] * ours["img_s"]
                  / 1e9 / flops["peak_gflops"]["bf16"])
     assert t["applies"] == results["machine"]["amx"] and (t["reason"] is None) == t["applies"]
+
+
+def test_states_the_inference_targets(quick_run) -> None:
+    results = quick_run[1]
+    t, infer = results["infer_targets"], results["sections"]["infer"]
+    assert t["batch"] == max(infer["batches"])
+    wide, one = infer["rows"][t["wide"]], infer["rows"][t["one"]]
+    assert wide["batch"] == t["batch"] and one["batch"] == 1
+    assert wide["library"] == one["library"] == "bit_core" and wide["correct"] and one["correct"]
+    assert wide["img_s"] == max(r["img_s"] for r in infer["rows"].values()
+                                if r["batch"] == t["batch"] and r["library"] == "bit_core"
+                                and r["correct"])
+    flops = results["sections"]["flops"]
+    assert close(t["of_peak"], flops["flops_per_image"]["bit_core"]["forward"] * wide["img_s"]
+                 / 1e9 / flops["peak_gflops"]["bf16"])
+    assert close(t["batch1_ms"], 1000 * one["min_s"])
+    assert t["applies"] == results["machine"]["amx"]
 
 
 @pytest.mark.slow
