@@ -35,11 +35,16 @@ setup: $(STAMP)  ## create .venv with the pinned dependencies
 pipeline: setup  ## run the whole pipeline (dvc repro) on the default experiment
 	@$(BIN)/bit run
 
+# Test processes side by side, one module each (pytest-xdist). A full run keeps a 2-core CPU busy
+# only about half the time in one process: much of it waits for servers, workers and timeouts.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: setup  ## run the test suite (all tiers)
-	@$(BIN)/python -m pytest
+	@$(PYTEST)
 
 test-fast: setup  ## run the fast tiers only
-	@$(BIN)/python -m pytest -m 'not slow'
+	@$(PYTEST) -m 'not slow'
 
 ui: setup  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	@$(BIN)/bit ui

@@ -210,3 +210,10 @@ def s3_server(tmp_path) -> Iterator[S3Endpoint]:
     """A fresh S3-compatible endpoint (moto) with a bucket and a user's credentials."""
     with running_s3_server(tmp_path) as endpoint:
         yield endpoint
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow tests first, each in its own order: when `make test` runs modules side
+    by side, the long ones then start at once instead of last."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)
