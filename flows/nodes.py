@@ -139,9 +139,12 @@ def start_nodes(deployment: str, nodes: int, parameters: dict) -> list[str]:
     return started
 
 
+IDLE, STARTING, READY = "idle", "starting", "ready"  # a node's flow run, as _readiness sees it
+
+
 def _readiness(client, run_id: str) -> str:
-    """"ready" when a node's flow run is training, "idle" while no worker has taken it, else
-    "starting"; NodeError when it ended first."""
+    """READY when a node's flow run is training, IDLE while no worker has taken it, else
+    STARTING; NodeError when it ended first."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     run = client.read_flow_run(run_id)
@@ -149,11 +152,11 @@ def _readiness(client, run_id: str) -> str:
         raise NodeError(redact(f"node flow run {run.name} ended {run.state.name} before "
                                f"training: {run.state.message or 'see its log'}"))
     if run.state and run.state.is_scheduled():
-        return "idle"
+        return IDLE
     tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
     training = any(t.name.startswith(READY_TASK) and t.state and t.state.is_running()
                    for t in tasks)
-    return "ready" if training else "starting"
+    return READY if training else STARTING
 
 
 @task(name="wait-for-nodes")
@@ -167,8 +170,8 @@ def wait_for_nodes(run_ids: list[str], start_timeout: float, pool: str) -> None:
     with get_client(sync_client=True) as client:
         while waiting:
             states = {run_id: _readiness(client, run_id) for run_id in waiting}
-            waiting = [run_id for run_id, state in states.items() if state != "ready"]
-            idle = [run_id for run_id in waiting if states[run_id] == "idle"]
+            waiting = [run_id for run_id, state in states.items() if state != READY]
+            idle = [run_id for run_id in waiting if states[run_id] == IDLE]
             if idle and time.monotonic() > deadline:
                 raise NodeError(f"{len(idle)} node(s) not started by a worker of pool {pool} "
                                 f"within {start_timeout:.0f} s (train.join_timeout): start a "
