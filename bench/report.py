@@ -58,7 +58,30 @@ def targets(results: dict) -> dict | None:
     return {"applies": reason is None, "reason": reason, "bit_core": ours, "timm": theirs,
             "of_peak": of_peak, "over_timm": over_timm, "goal": TRAIN_TARGETS,
             "met": {"of_peak": of_peak >= TRAIN_TARGETS["of_peak"],
-                    "over_timm": over_timm >= TRAIN_TARGETS["over_timm"]}}
+                    "over_timm": over_timm >= TRAIN_TARGETS["over_timm"]},
+            "bound": bound(train["profiles"].get(ours), of_peak, over_timm)}
+
+
+# Kernels that do the step's matrix work, by the profile's kinds (bench/training.py KINDS).
+MATRIX_KINDS = ("convolution", "matrix product")
+
+
+def bound(profile: dict | None, of_peak: float, over_timm: float) -> dict | None:
+    """What the profile of the fastest step allows: the share of its time in convolutions and
+    matrix products; the targets' figures if every other kernel took no time; and the fraction
+    of their present time the other kernels may keep for each target to be met (negative: not
+    even with them free)."""
+    if not profile:
+        return None
+    share = sum(k["share"] for k in profile["kinds"] if k["kind"] in MATRIX_KINDS)
+    if not 0 < share < 1:
+        return None
+    # In units of the step's present time: matrix work `share`, the rest `1 - share`; a target
+    # met at speed-up x needs a step of 1/x.
+    keep = {name: (value / TRAIN_TARGETS[name] - share) / (1 - share)
+            for name, value in (("of_peak", of_peak), ("over_timm", over_timm))}
+    return {"matrix_share": share, "of_peak": of_peak / share, "over_timm": over_timm / share,
+            "rest_may_keep": keep}
 
 
 # Inference targets where the CPU has AMX: the fastest correct back-end at batch 32 at >= 40% of
@@ -112,6 +135,17 @@ def _targets(t: dict) -> str:
              f"- against timm's fastest correct configuration ({t['timm']}): "
              f"{t['over_timm']:.2f}x (target {t['goal']['over_timm']:.0f}x: "
              f"{'met' if t['met']['over_timm'] else 'missed'})"]
+    b = t.get("bound")
+    if b:
+        keep = {k: ("not even with them free" if v <= 0 else f"at most {100 * v:.0f}% of it")
+                for k, v in b["rest_may_keep"].items()}
+        lines.append(
+            f"- what bounds it, by its profile below: convolutions and matrix products take "
+            f"{100 * b['matrix_share']:.0f}% of the step; with every other kernel free it would "
+            f"reach {100 * b['of_peak']:.0f}% of the peak and {b['over_timm']:.2f}x timm. The "
+            f"other kernels (normalisation, elementwise, optimizer, copies) may keep, of their "
+            f"present time, {keep['of_peak']} for {100 * t['goal']['of_peak']:.0f}% of the peak "
+            f"and {keep['over_timm']} for {t['goal']['over_timm']:.0f}x timm")
     if not t["applies"]:
         lines.append(f"- Not applicable on this machine: {t['reason']}.")
     return "\n".join(lines)

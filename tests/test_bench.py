@@ -165,6 +165,15 @@ def test_states_the_training_targets(quick_run) -> None:
     assert close(t["of_peak"], flops["flops_per_image"]["bit_core"]["train"] * ours["img_s"]
                  / 1e9 / flops["peak_gflops"]["bf16"])
     assert t["applies"] == results["machine"]["amx"] and (t["reason"] is None) == t["applies"]
+    # what bounds the step: its matrix kernels' share in the profile of that configuration
+    b, kinds = t["bound"], train["profiles"][t["bit_core"]]["kinds"]
+    share = sum(k["share"] for k in kinds if k["kind"] in ("convolution", "matrix product"))
+    assert close(b["matrix_share"], share) and 0 < share < 1
+    assert close(b["of_peak"], t["of_peak"] / share)
+    assert close(b["over_timm"], t["over_timm"] / share)
+    for name in ("of_peak", "over_timm"):  # matrix time plus what the rest keeps = target step
+        assert close(share + b["rest_may_keep"][name] * (1 - share),
+                     t[name] / t["goal"][name])
 
 
 def test_states_the_inference_targets(quick_run) -> None:
