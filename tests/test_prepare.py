@@ -50,6 +50,25 @@ def test_unreadable_image_named(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "report").exists()
 
 
+def test_a_truncated_jpeg_is_unreadable_before_training_meets_it(tmp_path):
+    """Its header is whole, so PIL opens and verifies it; only decoding finds the missing end,
+    as the data loader would, mid-epoch."""
+    raw = tmp_path / "raw"
+    _images(raw, ["a", "b"], 4)
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(raw / "a" / "cut.jpg", quality=90)
+    whole = (raw / "a" / "cut.jpg").read_bytes()
+    (raw / "a" / "cut.jpg").write_bytes(whole[:len(whole) // 2])
+    with Image.open(raw / "a" / "cut.jpg") as image:
+        image.verify()  # what the check alone would have passed
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\) under .*raw: a/cut.jpg; "):
+        prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
+    stats = prepare(DataConfig(unreadable="skip"), raw, tmp_path / "out", tmp_path / "report")
+    assert stats["train_images"] + stats["val_images"] + stats["test_images"] == 8
+    rows = (tmp_path / "report" / "unreadable.csv").read_text().splitlines()[1:]
+    assert len(rows) == 1 and rows[0].startswith("a/cut.jpg,image file is truncated ("), rows
+
+
 def test_few_shot_is_seeded():
     labels = np.repeat(np.arange(5), 20)
     train = stratified_split(labels, 0.1, 0.2, seed=0)["train"]
