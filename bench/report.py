@@ -145,7 +145,8 @@ def _targets(t: dict) -> str:
             f"reach {100 * b['of_peak']:.0f}% of the peak and {b['over_timm']:.2f}x timm. The "
             f"other kernels (normalisation, elementwise, optimizer, copies) may keep, of their "
             f"present time, {keep['of_peak']} for {100 * t['goal']['of_peak']:.0f}% of the peak "
-            f"and {keep['over_timm']} for {t['goal']['over_timm']:.0f}x timm")
+            f"and {keep['over_timm']} for {t['goal']['over_timm']:.0f}x timm (what was tried to "
+            f"cut them: README, \"What bounds a bf16 training step on an AMX CPU\")")
     if not t["applies"]:
         lines.append(f"- Not applicable on this machine: {t['reason']}.")
     return "\n".join(lines)

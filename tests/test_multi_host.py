@@ -211,10 +211,22 @@ def _outcomes(cluster: Cluster, run_id: str) -> dict[str, str]:
     return {row["stage"]: row["outcome"] for row in _artifact(cluster, run_id, "bit-stages")}
 
 
+def _in_hosts_tmp(cluster: Cluster, relative: str) -> list[Path]:
+    """Files ending in `relative` under the hosts' temporary folders, which the workers are
+    creating and deleting meanwhile: a folder that vanishes mid-walk is skipped (os.walk
+    ignores it, where Path.rglob raises), and git's object stores are not entered."""
+    found = []
+    for folder in cluster.hosts.values():
+        for dirpath, dirnames, filenames in os.walk(folder / "tmp"):
+            dirnames[:] = [d for d in dirnames if d != ".git"]
+            found += [Path(dirpath, name) for name in filenames
+                      if Path(dirpath, name).as_posix().endswith("/" + relative)]
+    return found
+
+
 def _workspaces(cluster: Cluster) -> list[Path]:
     """Clones of the project left in the hosts' temporary folders."""
-    return [p.parent for folder in cluster.hosts.values()
-            for p in (folder / "tmp").rglob("dvc.yaml")]
+    return [p.parent for p in _in_hosts_tmp(cluster, "dvc.yaml")]
 
 
 def _exp_refs(cluster: Cluster) -> dict[str, str]:
@@ -467,8 +479,7 @@ def test_losing_a_node_ends_the_run_in_one_line_and_a_retry_resumes(node_hosts, 
     run = _run(cluster, "cpu", seed=8, parameters={"nodes": 2, "overrides": [
         "train.seed=8", *LONG]})
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not [p for folder in cluster.hosts.values()
-               for p in (folder / "tmp").rglob("models/resume/checkpoint.pt")]:
+    while not _in_hosts_tmp(cluster, "models/resume/checkpoint.pt"):
         assert not _state(cluster, run).is_final(), _state(cluster, run).message
         assert time.monotonic() < deadline, "no periodic checkpoint"
         time.sleep(0.2)
