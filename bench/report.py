@@ -269,16 +269,28 @@ def _section(name: str, s: dict, peaks: tuple | None = None) -> list[str]:
             ["op", "self ms", "share", "calls"],
             [[o["op"], o["self_ms"], f"{100 * o['share']:.0f}%", o["calls"]] for o in ops]) + "\n")
     if name == "precision":
-        out.append(f"bf16 against fp32 over {s['steps']} steps: loss MRE {s['mre']:.4f} (the "
-                   f"rule: <= {s['mre_max']}), {'aligned' if s['aligned'] else '**not aligned**'}"
-                   f"; test top-1 {s['top1_change']:+.2f} points. params.yaml says "
-                   f"`precision: {s['params_precision']}`; `auto` picks {s['auto_picks']} on "
-                   f"this CPU ({s['cpu']}).\n")
+        out.append(_precision(s))
     if name == "overhead":
         out.append(f"The flow costs {s['flow_overhead_per_stage_s']:+.2f} s per stage over the "
                    f"plain loop ({s['stages']} stages; the temporary Prefect server started in "
                    f"{s['harness_start_s']:.0f} s).\n")
     return out
+
+
+def _precision(s: dict) -> str:
+    c = s["control"]
+    text = (f"bf16 against fp32 over {s['steps']} steps: loss MRE {s['mre']:.4f} (the rule: <= "
+            f"{s['mre_max']}), {'aligned' if s['aligned'] else '**not aligned**'}; test top-1 "
+            f"{s['top1_change']:+.2f} points. The control, {c['run']} (fp32's arithmetic, its "
+            f"sums in another order): loss MRE {c['mre']:.4f}, "
+            f"{'aligned' if c['aligned'] else '**not aligned**'}; test top-1 "
+            f"{c['top1_change']:+.2f} points.")
+    if not c["aligned"]:
+        text += (" Rounding alone moves this experiment off the rule, so the rule cannot tell "
+                 "bf16 from a change of summation order here; compare bf16's figures with the "
+                 "control's.")
+    return text + (f" params.yaml says `precision: {s['params_precision']}`; `auto` picks "
+                   f"{s['auto_picks']} on this CPU ({s['cpu']}).\n")
 
 
 def markdown(results: dict) -> str:

@@ -195,16 +195,25 @@ def test_states_the_inference_targets(quick_run) -> None:
 
 @pytest.mark.slow
 def test_precision_section_fine_tunes_the_default_experiment_in_both(tmp_path, repo_root) -> None:
-    """The stages' own commands fine-tune params.yaml's experiment a few steps in fp32 and bf16;
-    the MRE reported is that of the two loss curves written, and both are scored on the test
-    split."""
+    """The stages' own commands fine-tune params.yaml's experiment a few steps in fp32, in fp32
+    channels_last (the rule's control) and in bf16; the MREs reported are those of the loss
+    curves written, and every run is scored on the test split."""
     bench(repo_root, "--quick", "--only", "precision", "--out", str(tmp_path))
     results = json.loads((tmp_path / "results.json").read_text())
     s = results["sections"]["precision"]
     curves = {p: _curve(c) for p, c in s["curves"].items()}
-    assert set(curves) == {"fp32", "bf16"} and len(curves["fp32"]) == s["steps"] == 5
+    assert list(curves) == ["fp32", "fp32 channels_last", "bf16"]
+    assert len(curves["fp32"]) == s["steps"] == 5
     align = compare_curves(curves["bf16"], curves["fp32"])
     assert math.isclose(s["mre"], align.mre) and s["aligned"] == align.passed
-    for r in s["rows"].values():
+    control = compare_curves(curves["fp32 channels_last"], curves["fp32"])
+    assert math.isclose(s["control"]["mre"], control.mre)
+    assert s["control"]["aligned"] == control.passed
+    assert control.mre < 0.05  # five steps: too few for rounding to have grown
+    rows = s["rows"]
+    assert [r["channels_last"] for r in rows.values()] == [False, True, None]
+    assert math.isclose(s["control"]["top1_change"],
+                        rows["fp32 channels_last"]["test_top1"] - rows["fp32"]["test_top1"])
+    for r in rows.values():
         assert 0 <= r["test_top1"] <= 100 and r["steps"] == s["steps"]
     assert "## bf16 against fp32 on the default experiment" in (tmp_path / "RESULTS.md").read_text()
