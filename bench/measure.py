@@ -1,5 +1,6 @@
 """What the sections share: the two models, interleaved timing, rows and ratios; the `flops`
-section (model FLOPs and the GEMM peak of this machine)."""
+section (model FLOPs, the GEMM peak and the memory bandwidth of this machine, and the activations
+GroupNorm normalises, which bound the non-matrix part of a training step)."""
 
 from __future__ import annotations
 
@@ -127,6 +128,28 @@ def gemm(n: int, precision: str, repeats: int) -> dict:
     return {**out, "gflops": 2 * n**3 / out["min_s"] / 1e9}
 
 
+def norm_elements(resolution: int) -> int:
+    """Elements of bit_core's GroupNorm outputs for one image (counted on the meta device)."""
+    counted = []
+    with torch.device("meta"):
+        model = create("bit_core")
+        for module in model.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.register_forward_hook(lambda m, i, out: counted.append(out.numel()))
+        model(torch.empty(1, 3, resolution, resolution))
+    return sum(counted)
+
+
+def copy_bandwidth(megabytes: int, repeats: int) -> dict:
+    """GB/s of a bf16 tensor copy (bytes read plus bytes written), fastest call: what a
+    memory-bound kernel that streams its data once can reach here."""
+    src = torch.ones(megabytes * 2**19, dtype=torch.bfloat16)  # 2 bytes an element
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    out = row([timed(lambda: dst.copy_(src))() for _ in range(repeats)], megabytes=megabytes)
+    return {**out, "gbs": 2 * src.numel() * src.element_size() / out["min_s"] / 1e9}
+
+
 def run(settings, log) -> dict:
     """The `flops` section."""
     res = settings.resolution
@@ -135,8 +158,9 @@ def run(settings, log) -> dict:
     rows = {f"torch.mm {p} {n}x{n}": gemm(n, p, settings.gemm_repeats) for p in DTYPES
             for n in settings.gemm_sizes}
     peak = {p: max(r["gflops"] for r in rows.values() if r["precision"] == p) for p in DTYPES}
+    bandwidth = copy_bandwidth(settings.copy_megabytes, settings.gemm_repeats)
     log(f"  {MODEL} at {res} px: {flops['bit_core']['forward'] / 1e9:.2f} GFLOP forward, "
         f"{flops['bit_core']['train'] / 1e9:.2f} train; GEMM peak fp32 {peak['fp32']:.0f}, "
-        f"bf16 {peak['bf16']:.0f} GFLOP/s")
+        f"bf16 {peak['bf16']:.0f} GFLOP/s; copy {bandwidth['gbs']:.1f} GB/s")
     return {"resolution": res, "flops_per_image": flops, "peak_gflops": peak, "rows": rows,
-            "ratios": []}
+            "copy": bandwidth, "norm_elements_per_image": norm_elements(res), "ratios": []}

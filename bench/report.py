@@ -59,18 +59,26 @@ def targets(results: dict) -> dict | None:
             "of_peak": of_peak, "over_timm": over_timm, "goal": TRAIN_TARGETS,
             "met": {"of_peak": of_peak >= TRAIN_TARGETS["of_peak"],
                     "over_timm": over_timm >= TRAIN_TARGETS["over_timm"]},
-            "bound": bound(train["profiles"].get(ours), of_peak, over_timm)}
+            "bound": bound(train["profiles"].get(ours), train["batch"] / mine["img_s"],
+                           of_peak, over_timm, flops, train["batch"])}
 
 
 # Kernels that do the step's matrix work, by the profile's kinds (bench/training.py KINDS).
 MATRIX_KINDS = ("convolution", "matrix product")
+# Passes over its activations a GroupNorm layer needs at least in a training step, fused as far
+# as it goes: forward, one read for the statistics and one read and one write to normalise;
+# backward, one read of the input and of the gradient for the sums, and a read of both and a
+# write of the input gradient.
+NORM_PASSES = 8
 
 
-def bound(profile: dict | None, of_peak: float, over_timm: float) -> dict | None:
+def bound(profile: dict | None, step_s: float, of_peak: float, over_timm: float, flops: dict,
+          batch: int) -> dict | None:
     """What the profile of the fastest step allows: the share of its time in convolutions and
-    matrix products; the targets' figures if every other kernel took no time; and the fraction
-    of their present time the other kernels may keep for each target to be met (negative: not
-    even with them free)."""
+    matrix products; the targets' figures if every other kernel took no time; the fraction of
+    their present time the other kernels may keep for each target to be met (negative: not even
+    with them free), in seconds too; and the least time GroupNorm alone needs to stream its bf16
+    activations at this machine's copy bandwidth."""
     if not profile:
         return None
     share = sum(k["share"] for k in profile["kinds"] if k["kind"] in MATRIX_KINDS)
@@ -80,8 +88,14 @@ def bound(profile: dict | None, of_peak: float, over_timm: float) -> dict | None
     # met at speed-up x needs a step of 1/x.
     keep = {name: (value / TRAIN_TARGETS[name] - share) / (1 - share)
             for name, value in (("of_peak", of_peak), ("over_timm", over_timm))}
-    return {"matrix_share": share, "of_peak": of_peak / share, "over_timm": over_timm / share,
-            "rest_may_keep": keep}
+    out = {"matrix_share": share, "of_peak": of_peak / share, "over_timm": over_timm / share,
+           "rest_may_keep": keep, "step_s": step_s,
+           "rest_budget_s": {k: max(v, 0.0) * (1 - share) * step_s for k, v in keep.items()}}
+    if "copy" in flops:  # results before the bandwidth was measured have no floor
+        norm_bytes = flops["norm_elements_per_image"] * batch * 2 * NORM_PASSES
+        out.update(norm_bytes=norm_bytes, copy_gbs=flops["copy"]["gbs"],
+                   norm_floor_s=norm_bytes / (flops["copy"]["gbs"] * 1e9))
+    return out
 
 
 # Inference targets where the CPU has AMX: the fastest correct back-end at batch 32 at >= 40% of
@@ -147,9 +161,30 @@ def _targets(t: dict) -> str:
             f"present time, {keep['of_peak']} for {100 * t['goal']['of_peak']:.0f}% of the peak "
             f"and {keep['over_timm']} for {t['goal']['over_timm']:.0f}x timm (what was tried to "
             f"cut them: README, \"What bounds a bf16 training step on an AMX CPU\")")
+        if "norm_floor_s" in b:
+            budget = b["rest_budget_s"]
+            lines.append(
+                f"- the memory floor: GroupNorm alone must stream at least "
+                f"{b['norm_bytes'] / 1e9:.2f} GB a step ({NORM_PASSES} passes over its bf16 "
+                f"activations, forward and backward), {1e3 * b['norm_floor_s']:.0f} ms at this "
+                f"machine's copy bandwidth ({b['copy_gbs']:.1f} GB/s); the targets leave all "
+                f"the non-matrix kernels {1e3 * budget['of_peak']:.0f} ms "
+                f"({100 * t['goal']['of_peak']:.0f}% of the peak) and "
+                f"{1e3 * budget['over_timm']:.0f} ms ({t['goal']['over_timm']:.0f}x timm) of a "
+                f"{1e3 * b['step_s']:.0f} ms step: " + _floor_verdict(b, t["goal"]))
     if not t["applies"]:
         lines.append(f"- Not applicable on this machine: {t['reason']}.")
     return "\n".join(lines)
+
+
+def _floor_verdict(b: dict, goal: dict) -> str:
+    names = {"of_peak": f"{100 * goal['of_peak']:.0f}% of the peak",
+             "over_timm": f"{goal['over_timm']:.0f}x timm"}
+    out = [names[k] for k, v in b["rest_budget_s"].items() if b["norm_floor_s"] > v]
+    if not out:
+        return "the floor alone rules neither target out"
+    return (" and ".join(out) + " cannot be reached on this machine without convolutions faster "
+            "than these, whatever the other kernels do")
 
 
 def _f(value) -> str:
@@ -249,7 +284,11 @@ def _section(name: str, s: dict, peaks: tuple | None = None) -> list[str]:
                    f"same): forward {f['forward'] / 1e9:.2f} G, forward + backward "
                    f"{f['train'] / 1e9:.2f} G. GEMM peak: the fastest torch.mm call of the run, "
                    f"fp32 {s['peak_gflops']['fp32']:.0f}, bf16 {s['peak_gflops']['bf16']:.0f} "
-                   "GFLOP/s.\n")
+                   "GFLOP/s." + (
+                       f" Memory: a copy of {s['copy']['megabytes']} MB of bf16 runs at "
+                       f"{s['copy']['gbs']:.1f} GB/s (read plus write, fastest call); bit_core's "
+                       f"GroupNorm layers normalise {s['norm_elements_per_image'] / 1e6:.2f} M "
+                       "activations an image." if "copy" in s else "") + "\n")
     if name == "train" and peaks:
         out.append(_train_table(s, *peaks) + "\n")
     columns = COLUMNS[name]

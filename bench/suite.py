@@ -38,6 +38,7 @@ class Settings:
     infer_warmup: int = 1  # rounds after the first call, not counted
     gemm_sizes: tuple[int, ...] = (2048, 4096)
     gemm_repeats: int = 5
+    copy_megabytes: int = 512  # the bandwidth's tensor: far beyond the caches
     # Source images, their format, BiT's precrop / crop, loader batches per round, and the
     # training batch at that crop.
     data_sizes: dict[str, dict] = field(default_factory=lambda: {
@@ -62,7 +63,7 @@ def quick(s: Settings) -> Settings:
         s, quick=True, compile_precision=None, resolution=32, train_batch=2, train_rounds=1,
         curve_steps=3,
         infer_batches=(1, 2), infer_rounds={1: 1, 2: 1}, infer_warmup=0, gemm_sizes=(256,),
-        gemm_repeats=2,
+        gemm_repeats=2, copy_megabytes=16,
         data_sizes={"CIFAR-10": {**s.data_sizes["CIFAR-10"], "precrop": 40, "crop": 32,
                                  "batches": 4, "train_batch": 1},
                     "ImageNet": {**s.data_sizes["ImageNet"], "source": (100, 88),

@@ -174,6 +174,23 @@ def test_states_the_training_targets(quick_run) -> None:
     for name in ("of_peak", "over_timm"):  # matrix time plus what the rest keeps = target step
         assert close(share + b["rest_may_keep"][name] * (1 - share),
                      t[name] / t["goal"][name])
+    assert close(b["step_s"], train["batch"] / ours["img_s"])
+    # GroupNorm's memory floor: its activations of the step, 8 passes of 2 bytes, at the copy
+    # bandwidth measured in the flops section
+    copy = flops["copy"]
+    assert copy["gbs"] > 0 and close(copy["gbs"], 2 * copy["megabytes"] * 2**20 / copy["min_s"]
+                                     / 1e9)
+    assert close(b["norm_bytes"], flops["norm_elements_per_image"] * train["batch"] * 2 * 8)
+    assert close(b["norm_floor_s"], b["norm_bytes"] / (copy["gbs"] * 1e9))
+
+
+def test_counts_the_activations_groupnorm_normalises() -> None:
+    """The 49 GroupNorm layers of R50x1 (three in each of its 16 blocks, and the head's) output
+    2,940,928 values for a 128 px image, four times as many at twice the side."""
+    from bench.measure import norm_elements
+
+    assert norm_elements(128) == 2_940_928
+    assert norm_elements(256) == 4 * 2_940_928
 
 
 def test_states_the_inference_targets(quick_run) -> None:
