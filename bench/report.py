@@ -244,7 +244,7 @@ def _machine(m: dict) -> str:
     return "\n".join([
         f"- CPU: {m['cpu_model']}{' (virtual machine)' if m['hypervisor'] else ''}, "
         f"{m['usable_cores']} usable cores, {m['threads']} threads for torch and ONNX Runtime, "
-        f"OMP_WAIT_POLICY={m['omp_wait_policy']}",
+        f"OMP_WAIT_POLICY={m['omp_wait_policy']}, GOMP_SPINCOUNT={m.get('gomp_spincount')}",
         f"- Matrix capabilities (flags in {m['flags_source']}): AMX "
         f"**{'yes' if m['amx'] else 'no'}** (amx_bf16 {_f(flags['amx_bf16'])}, amx_int8 "
         f"{_f(flags['amx_int8'])}), avx512_bf16 {_f(flags['avx512_bf16'])}, VNNI {vnni}; torch "

@@ -116,6 +116,7 @@ def describe(threads: int) -> dict:
             "threads": threads,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
             "versions": {"python": platform.python_version(),
                          **{p: importlib.metadata.version(p) for p in VERSIONS}},
             "git_commit": commit or None, "loadavg_start": list(os.getloadavg())}
