@@ -50,7 +50,7 @@ def optimizer_kernel(device: torch.device) -> dict:
 
 
 # torch.compile's first step costs minutes on a CPU (about 2.5 for R50x1 at 128 px, cold); then a
-# step is faster: on an AMX CPU in bf16 channels_last 1.09-1.17x eager for bit_core at 128 px,
+# step is faster: on an AMX CPU in bf16 channels_last 1.1-1.2x eager for bit_core at 128 px,
 # batch 32, in the bench runs of 2026-11 (bench/results holds the latest), inductor fusing the
 # ReLUs, the residual additions and the weight standardisation around GroupNorm that eager runs
 # as separate kernels (GroupNorm itself compiles to slower code than eager's).
