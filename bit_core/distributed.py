@@ -150,7 +150,9 @@ class Heartbeat:
         self._store.add(f"beat/{world.rank}", 1)
         now = time.monotonic()
         self._seen = {rank: (b"", now) for rank in range(world.size)}  # last count, when it changed
-        self._answered = now  # when the store last answered
+        # When the look before each count's last change was: the beat that changed it came later.
+        self._after = {rank: -math.inf for rank in range(world.size)}
+        self._answered = self._looked = now  # when the store last answered
         self._where: list[str] = []
         self._failed_at: float | None = None
         self.lost: ClusterError | None = None
@@ -181,10 +183,11 @@ class Heartbeat:
         counts = self._store.multi_get([f"beat/{rank}" for rank in others])
         self._where = self._where or [where.decode() for where in self._store.multi_get(
             [f"where/{rank}" for rank in range(self.world.size)])]
-        self._answered = now
+        self._answered, before, self._looked = now, self._looked, now
         for rank, count in zip(others, counts):
             if count != self._seen[rank][0]:
                 self._seen[rank] = (count, now)
+                self._after[rank] = before
 
     def _lost(self, now: float) -> ClusterError | None:
         limit = min(self.timeout, CONFIRM_SECONDS) if self._failed_at else self.timeout
@@ -223,8 +226,10 @@ class Heartbeat:
         self._failed_at = time.monotonic()
         deadline = self._failed_at + CONFIRM_SECONDS + STORE_SECONDS + 2 * BEAT_SECONDS
         while not self._found.wait(BEAT_SECONDS / 4):
-            if all(count == FINISHED or seen > self._failed_at
-                   for rank, (count, seen) in self._seen.items() if rank != self.world.rank) \
+            # alive: a beat that surely came after the failure (one seen to change since a look
+            # made after it; a change first seen after the failure may be a last beat before it)
+            if all(count == FINISHED or self._after[rank] > self._failed_at
+                   for rank, (count, _) in self._seen.items() if rank != self.world.rank) \
                     or time.monotonic() > deadline:
                 return None
         self._claimed.set()
