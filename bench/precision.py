@@ -1,6 +1,6 @@
 """The `precision` section: does bf16 fine-tune the default experiment as fp32 does?
 
-The default experiment (params.yaml as committed) is fine-tuned twice, in fp32 and in bf16, by
+The default experiment (params.yaml as committed) is fine-tuned in fp32 and in bf16 by
 the stages' own commands from dvc.yaml (fetch_data, prepare, fetch_weights once, then finetune
 per run) in a temporary workspace, so nothing of the checkout changes. The bf16 loss curve is
 compared with the fp32 one by the seeds' alignment rule (:func:`bit_core.align.compare_curves`,
@@ -104,18 +104,17 @@ def run(settings, log) -> dict:
                    **{k: r[k] for k in ("steps", "final_loss", "val_top1", "test_top1",
                                         "train_images_per_s") if k in r}}
             for name, r in runs.items()}
-    against = {}
-    for name in (CONTROL, CANDIDATE):
-        align = compare_curves(runs[name]["curve"], runs[REFERENCE]["curve"])
-        rows[name].update(mre=align.mre, mae=align.mae, aligned=align.passed)
-        against[name] = {"mre": align.mre, "mae": align.mae, "aligned": align.passed,
-                         "top1_change": rows[name]["test_top1"] - rows[REFERENCE]["test_top1"]}
+    aligns = {name: compare_curves(runs[name]["curve"], runs[REFERENCE]["curve"])
+              for name in (CONTROL, CANDIDATE)}
+    for name, align in aligns.items():
+        rows[name].update(mre=align.mre, mae=align.mae, aligned=align.passed,
+                          top1_change=rows[name]["test_top1"] - rows[REFERENCE]["test_top1"])
         log(f"  {name} against fp32: MRE {align.mre:.4f} over {align.steps} steps "
             f"({'passes' if align.passed else 'fails'})")
-    bf16, control = against[CANDIDATE], against[CONTROL]
+    bf16, control = rows[CANDIDATE], rows[CONTROL]
     return {"params_precision": cfg.precision, "cpu": units.describe(),
             "auto_picks": resolve_precision("auto", CPU, units),
-            "steps": align.steps, "mre": bf16["mre"], "mre_max": align.mre_max,
-            "mae": bf16["mae"], "aligned": bf16["aligned"], "top1_change": bf16["top1_change"],
-            "control": {"run": CONTROL, **control}, "rows": rows, "ratios": [],
-            "curves": {name: r["curve"] for name, r in runs.items()}}
+            "steps": aligns[CANDIDATE].steps, "mre_max": aligns[CANDIDATE].mre_max,
+            **{k: bf16[k] for k in ("mre", "mae", "aligned", "top1_change")},
+            "control": {k: control[k] for k in ("run", "mre", "mae", "aligned", "top1_change")},
+            "rows": rows, "ratios": [], "curves": {name: r["curve"] for name, r in runs.items()}}
