@@ -152,7 +152,7 @@ class Heartbeat:
         self._seen = {rank: (b"", now) for rank in range(world.size)}  # last count, when it changed
         # When the look before each count's last change was: the beat that changed it came later.
         self._after = {rank: -math.inf for rank in range(world.size)}
-        self._answered = self._looked = now  # when the store last answered
+        self._answered = now  # when the store last answered
         self._where: list[str] = []
         self._failed_at: float | None = None
         self.lost: ClusterError | None = None
@@ -183,7 +183,7 @@ class Heartbeat:
         counts = self._store.multi_get([f"beat/{rank}" for rank in others])
         self._where = self._where or [where.decode() for where in self._store.multi_get(
             [f"where/{rank}" for rank in range(self.world.size)])]
-        self._answered, before, self._looked = now, self._looked, now
+        before, self._answered = self._answered, now
         for rank, count in zip(others, counts):
             if count != self._seen[rank][0]:
                 self._seen[rank] = (count, now)
