@@ -2,9 +2,9 @@
 and OpenVINO (bf16 and int8 where the CPU has the units).
 
 Every back-end is a numpy -> numpy predictor from :mod:`bit_core.evaluate`, called on the same
-batch. Its first call at each batch size warms it up (compiles it, for torch.compile) and checks
-its logits against the eager fp32 model of its library (ONNX Runtime against bit_core's); then
-the back-ends take turns, one batch each per round.
+batch. Its first call at each batch size warms it up (compiles it, for torch.compile and
+OpenVINO) and checks its logits against the eager fp32 model of its library (ONNX Runtime
+against bit_core's); then the back-ends take turns, one batch each per round.
 """
 
 from __future__ import annotations

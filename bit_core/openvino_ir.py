@@ -130,40 +130,58 @@ def ir_predictor(xml_path: Path, hint: str, threads: int | None = None) -> Predi
     """An IR compiled for this CPU at INFERENCE_PRECISION_HINT `hint`, as a numpy -> numpy
     predictor for any batch size.
 
+    Each batch size is compiled at its own static shape when it first comes, and kept until
+    another size comes (a compiled model holds its own copy of the weights). The IR's batch axis
+    is dynamic, and OpenVINO's CPU plug-in runs a static shape markedly faster: R50x1's int8 IR
+    at 128 px on a 2-core AMX CPU, 373 -> 494 images/s at batch 32 and 6.6 -> 5.4 ms at batch 1.
+
     A batch of one runs as one latency-oriented request on all the threads. A larger batch is
-    cut into as many parts as OpenVINO's throughput mode has streams on this CPU (one per core
-    or so), and the parts run at once, one per stream: each stream then runs whole layers on
-    its own threads instead of all threads meeting after every layer. The logits are the same
-    either way; the throughput model is compiled when the first larger batch comes.
+    cut into as many equal parts as OpenVINO's throughput mode has streams on this CPU (one per
+    core or so; the last part padded with zeros), and the parts run at once, one per stream:
+    each stream then runs whole layers on its own threads instead of all threads meeting after
+    every layer. The logits are the same either way.
     """
     import openvino as ov
 
     core, config = ov.Core(), {"INFERENCE_PRECISION_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
-    latency = core.compile_model(str(xml_path), DEVICE, {**config, "PERFORMANCE_HINT": "LATENCY"})
-    request, output = latency.create_infer_request(), latency.output(0)
-    streams: list = []
+    model = core.read_model(str(xml_path))
+    streams: list[int] = []  # the throughput mode's stream count, asked once
+    kept: dict[tuple, list] = {}  # input shape -> its requests, one per part
 
-    def parallel(batch: np.ndarray) -> np.ndarray:
+    def stream_count() -> int:
         if not streams:
-            compiled = core.compile_model(str(xml_path), DEVICE,
-                                          {**config, "PERFORMANCE_HINT": "THROUGHPUT"})
-            count = int(compiled.get_property("NUM_STREAMS"))
-            streams.extend(compiled.create_infer_request() for _ in range(max(count, 1)))
-        parts = np.array_split(batch, min(len(streams), len(batch)))
-        for part, stream in zip(parts, streams):
-            stream.start_async({0: np.ascontiguousarray(part)})
-        results = []
-        for _, stream in zip(parts, streams):
-            stream.wait()
-            results.append(stream.get_output_tensor(0).data.copy())
-        return np.concatenate(results)
+            probe = core.compile_model(model, DEVICE, {**config, "PERFORMANCE_HINT": "THROUGHPUT"})
+            streams.append(max(int(probe.get_property("NUM_STREAMS")), 1))
+        return streams[0]
+
+    def requests(shape: tuple) -> list:
+        if shape not in kept:
+            kept.clear()
+            batch = shape[0]
+            parts = 1 if batch == 1 or threads == 1 else min(stream_count(), batch)
+            size = -(-batch // parts)
+            parts = -(-batch // size)
+            static = model.clone()
+            static.reshape({static.input(0): [size, *shape[1:]]})
+            mode = {"PERFORMANCE_HINT": "LATENCY"} if parts == 1 else \
+                {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": parts}
+            compiled = core.compile_model(static, DEVICE, {**config, **mode})
+            kept[shape] = [compiled.create_infer_request() for _ in range(parts)]
+        return kept[shape]
 
     def predict(batch: np.ndarray) -> np.ndarray:
-        if len(batch) > 1 and threads != 1:
-            return parallel(batch)
-        return request.infer({0: batch})[output].copy()  # the request reuses its buffer
+        runs, count = requests(batch.shape), len(batch)
+        size = -(-count // len(runs))
+        if (missing := len(runs) * size - count) > 0:
+            batch = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
+        for i, run in enumerate(runs):
+            run.start_async({0: np.ascontiguousarray(batch[i * size:(i + 1) * size])})
+        for run in runs:
+            run.wait()
+        # a new array: each request reuses its output buffer
+        return np.concatenate([run.get_output_tensor(0).data for run in runs])[:count]
 
     return predict
 
