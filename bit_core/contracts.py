@@ -90,6 +90,8 @@ class EvaluationMetrics(_Record):
     skipped: dict[str, str] = {}  # back-end -> why it was not measured on this host
     gate_missed: dict[str, str] = {}  # back-end -> how far its top-1 missed its accuracy gate
     fastest: dict[str, str] = {}  # "bs<N>" -> the fastest back-end that passed its gate
+    # the host's 1-minute load average when the speed measurement began and when it ended
+    load_average: list[float] = []
 
     def values(self) -> dict[str, float]:
         """Every measured number by name."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -159,6 +160,11 @@ def markdown_table(accuracy: dict[str, dict], speed: list[dict],
     lines = ([f"Host CPU: {metrics.cpu}. Accuracy gates (top-1 against {REFERENCE}): "
               + ", ".join(f"{p} {pp} pt" for p, pp in GATE_PP.items())
               + "; a back-end outside its gate gets no speed rows.", ""] if metrics.cpu else [])
+    if len(metrics.load_average) == 2:
+        start, end = metrics.load_average
+        lines += [f"Speed measured at a load average (1 min) of {start:.2f} at its start and "
+                  f"{end:.2f} at its end: other jobs on the host slow every row, PyTorch's most, "
+                  "so compare rows of one run.", ""]
     lines += _accuracy_lines(accuracy, metrics)
     lines += ["", *_grid("images/s", [*backends, "fastest"] if metrics.fastest else backends,
                          batches, fps), "",
@@ -278,12 +284,14 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
     _check_onnx_agrees(accuracy)
     missed = gates(accuracy, host)
     kept = [name for name in accuracy if name not in missed]
+    load = [os.getloadavg()[0]]
     speed = _speed(factories, [k for k in kept if k in factories], resolution, cfg)
+    load.append(os.getloadavg()[0])
     speed += om_speed if "om" in kept else []
     metrics = EvaluationMetrics(
         test_images=len(labels), om_skipped=skipped.get("om", ""),
         cpu=f"{units.model} ({units.describe()})", skipped=skipped, gate_missed=missed,
-        fastest=fastest_by_batch(host, kept, speed),
+        fastest=fastest_by_batch(host, kept, speed), load_average=[round(x, 2) for x in load],
         **{metric_key(b, k): v for b, acc in accuracy.items() for k, v in acc.items()},
         **{metric_key(r["backend"], f"fps_bs{r['batch']}"): round(r["fps"], 2) for r in speed})
     _write_reports(metrics, accuracy, speed, logits_by, labels, splits, out)
