@@ -90,8 +90,8 @@ class EvaluationMetrics(_Record):
     skipped: dict[str, str] = {}  # back-end -> why it was not measured on this host
     gate_missed: dict[str, str] = {}  # back-end -> how far its top-1 missed its accuracy gate
     fastest: dict[str, str] = {}  # "bs<N>" -> the fastest back-end that passed its gate
-    # the host's 1-minute load average when the speed measurement began and when it ended
-    load_average: list[float] = []
+    # share of the host's CPU time used by anything but the evaluation while it measured speed
+    cpu_used_elsewhere_pct: float | None = None
 
     def values(self) -> dict[str, float]:
         """Every measured number by name."""

@@ -105,6 +105,34 @@ def confusion_matrix(logits: np.ndarray, labels: np.ndarray, num_classes: int) -
     return counts
 
 
+def cpu_used_elsewhere() -> Callable[[], float]:
+    """Start watching the host's CPUs; the function returned gives the share of their time, in
+    percent, that went to anything but this process since: other processes, and on a virtual
+    machine the time the hypervisor gave to other guests (steal). Timings taken while it is high
+    are slower than the host can do."""
+    import psutil
+
+    me = psutil.Process()
+
+    def busy() -> float:  # guest time is counted in user time already
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - \
+            getattr(t, "guest_nice", 0.0)
+
+    def own() -> float:
+        t = me.cpu_times()
+        return t.user + t.system
+
+    start, all_busy, mine = time.monotonic(), busy(), own()
+
+    def share() -> float:
+        capacity = (time.monotonic() - start) * (psutil.cpu_count() or 1)
+        elsewhere = (busy() - all_busy) - (own() - mine)
+        return min(100.0, max(0.0, 100.0 * elsewhere / capacity)) if capacity > 0 else 0.0
+
+    return share
+
+
 def measure_speed(predict: Predict, batch_size: int, resolution: int, *, warmup: int = 2,
                   repeats: int = 5, seed: int = 0) -> dict[str, float]:
     """Images/s from the median latency of `repeats` timed batches, after `warmup` untimed ones."""

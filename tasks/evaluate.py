@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,9 @@ from bit_core.contracts import (CHECKPOINT, IR_MANIFEST, OM_MANIFEST, Evaluation
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.device import CpuUnits, cpu_units, resolve_device
 from bit_core.errors import ParityError
-from bit_core.evaluate import (Predict, compiled_predictor, confusion_matrix, measure_speed,
-                               onnx_predictor, padded_predictor, predict_all, topk_accuracy,
-                               torch_predictor)
+from bit_core.evaluate import (Predict, compiled_predictor, confusion_matrix, cpu_used_elsewhere,
+                               measure_speed, onnx_predictor, padded_predictor, predict_all,
+                               topk_accuracy, torch_predictor)
 from bit_core.export import onnx_session
 from bit_core.io import atomic_write_json, atomic_write_text
 from bit_core.model import fold_weight_standardization
@@ -160,11 +159,10 @@ def markdown_table(accuracy: dict[str, dict], speed: list[dict],
     lines = ([f"Host CPU: {metrics.cpu}. Accuracy gates (top-1 against {REFERENCE}): "
               + ", ".join(f"{p} {pp} pt" for p, pp in GATE_PP.items())
               + "; a back-end outside its gate gets no speed rows.", ""] if metrics.cpu else [])
-    if len(metrics.load_average) == 2:
-        start, end = metrics.load_average
-        lines += [f"Speed measured at a load average (1 min) of {start:.2f} at its start and "
-                  f"{end:.2f} at its end: other jobs on the host slow every row, PyTorch's most, "
-                  "so compare rows of one run.", ""]
+    if metrics.cpu_used_elsewhere_pct is not None:
+        lines += [f"While the speeds were measured, {metrics.cpu_used_elsewhere_pct:.0f}% of the "
+                  "host's CPU time went to other processes (or other guests of its hypervisor): "
+                  "they slow every row, PyTorch's most.", ""]
     lines += _accuracy_lines(accuracy, metrics)
     lines += ["", *_grid("images/s", [*backends, "fastest"] if metrics.fastest else backends,
                          batches, fps), "",
@@ -284,14 +282,14 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
     _check_onnx_agrees(accuracy)
     missed = gates(accuracy, host)
     kept = [name for name in accuracy if name not in missed]
-    load = [os.getloadavg()[0]]
+    elsewhere = cpu_used_elsewhere()
     speed = _speed(factories, [k for k in kept if k in factories], resolution, cfg)
-    load.append(os.getloadavg()[0])
+    busy = round(elsewhere(), 1)
     speed += om_speed if "om" in kept else []
     metrics = EvaluationMetrics(
         test_images=len(labels), om_skipped=skipped.get("om", ""),
         cpu=f"{units.model} ({units.describe()})", skipped=skipped, gate_missed=missed,
-        fastest=fastest_by_batch(host, kept, speed), load_average=[round(x, 2) for x in load],
+        fastest=fastest_by_batch(host, kept, speed), cpu_used_elsewhere_pct=busy,
         **{metric_key(b, k): v for b, acc in accuracy.items() for k, v in acc.items()},
         **{metric_key(r["backend"], f"fps_bs{r['batch']}"): round(r["fps"], 2) for r in speed})
     _write_reports(metrics, accuracy, speed, logits_by, labels, splits, out)
