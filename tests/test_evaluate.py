@@ -11,7 +11,7 @@ from bit_core.evaluate import cpu_used_elsewhere
 SPIN = "import time\nend = time.monotonic() + 1.5\nwhile time.monotonic() < end: pass\n"
 
 
-def test_cpu_used_elsewhere_counts_another_process_and_not_this_one():
+def test_cpu_used_elsewhere_counts_another_process():
     import psutil
 
     cpus = psutil.cpu_count() or 1
@@ -19,7 +19,7 @@ def test_cpu_used_elsewhere_counts_another_process_and_not_this_one():
     child = subprocess.Popen([sys.executable, "-c", SPIN])
     try:
         end = time.monotonic() + 1.5
-        while time.monotonic() < end:  # this process busy too: not counted
+        while time.monotonic() < end:  # this process busy meanwhile, as an evaluation is
             pass
     finally:
         child.wait(timeout=30)
