@@ -63,16 +63,20 @@ def onnx_predictor(session, input_name: str = "image", output_name: str = "logit
     return predict
 
 
+def zero_padded(batch: np.ndarray, size: int) -> np.ndarray:
+    """`batch` with zero images appended up to `size` images (`batch` itself when not shorter)."""
+    missing = size - len(batch)
+    if missing <= 0:
+        return batch
+    return np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
+
+
 def padded_predictor(predict: Predict, size: int) -> Predict:
     """`predict` fed batches of exactly `size` images (a shorter one padded with zeros, its
     logits cut back): one input shape, so a compiled graph per shape is built once."""
 
     def run(batch: np.ndarray) -> np.ndarray:
-        missing = size - len(batch)
-        if missing <= 0:
-            return predict(batch)
-        zeros = np.zeros((missing, *batch.shape[1:]), batch.dtype)
-        return predict(np.concatenate([batch, zeros]))[:len(batch)]
+        return predict(zero_padded(batch, size))[:len(batch)]
 
     return run
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bit_core.device import CpuUnits
-from bit_core.evaluate import Predict
+from bit_core.evaluate import Predict, zero_padded
 
 DEVICE = "CPU"
 STEM_PAD_SCOPE = "/root/pad/"  # the exporter's node names for model.root.pad
@@ -132,8 +132,7 @@ def ir_predictor(xml_path: Path, hint: str, threads: int | None = None) -> Predi
 
     Each batch size is compiled at its own static shape when it first comes, and kept until
     another size comes (a compiled model holds its own copy of the weights). The IR's batch axis
-    is dynamic, and OpenVINO's CPU plug-in runs a static shape markedly faster: R50x1's int8 IR
-    at 128 px on a 2-core AMX CPU, 373 -> 494 images/s at batch 32 and 6.6 -> 5.4 ms at batch 1.
+    is dynamic, and OpenVINO's CPU plug-in runs a static shape markedly faster (README, OpenVINO).
 
     A batch of one runs as one latency-oriented request on all the threads. A larger batch is
     cut into as many equal parts as OpenVINO's throughput mode has streams on this CPU (one per
@@ -174,8 +173,7 @@ def ir_predictor(xml_path: Path, hint: str, threads: int | None = None) -> Predi
     def predict(batch: np.ndarray) -> np.ndarray:
         runs, count = requests(batch.shape), len(batch)
         size = -(-count // len(runs))
-        if (missing := len(runs) * size - count) > 0:
-            batch = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), batch.dtype)])
+        batch = zero_padded(batch, len(runs) * size)
         for i, run in enumerate(runs):
             run.start_async({0: np.ascontiguousarray(batch[i * size:(i + 1) * size])})
         for run in runs:
