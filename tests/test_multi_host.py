@@ -435,9 +435,17 @@ def _node_runs(cluster: Cluster, run_id: str) -> list:
 
 
 def _worker_of(cluster: Cluster, run_id: str) -> str:
-    """The host whose worker submitted flow run `run_id`."""
-    (host,) = [host for host in cluster.hosts if f"submitting flow run '{run_id}'" in
-               (cluster.root / f"worker-{host}.log").read_text()]
+    """The host whose worker submitted flow run `run_id`.
+
+    Two idle workers may both start to submit the same run; the server lets one move it to
+    Pending and the other logs that it aborted its submission.
+    """
+    def took_it(host: str) -> bool:
+        log = (cluster.root / f"worker-{host}.log").read_text()
+        return (f"submitting flow run '{run_id}'" in log
+                and f"Aborted submission of flow run '{run_id}'" not in log)
+
+    (host,) = [host for host in cluster.hosts if took_it(host)]
     return host
 
 
