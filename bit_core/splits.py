@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from bit_core.contracts import SPLITS, read_split_marker
 from bit_core.errors import DataError
@@ -35,6 +34,10 @@ class Sample:
 
 def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
     """Images under class sub-folders of `root`, sorted; the class names in index order."""
+    # imported here: torchvision brings torch with it, which stages that only read the split
+    # files (register's fingerprint) do without
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist: create it or fix data.folder")
