@@ -1,5 +1,11 @@
 """Integration tier: `dvc repro` in a fresh copy of the repository, then the Prefect flow on it.
 
+After the first `dvc repro`, nightly retraining as the schedules start it: a nightly run with a
+changed training parameter reruns the fine-tune and what follows it (none of the data stages)
+and records a DVC experiment (`dvc exp save -n nightly-...`); a second nightly run, with nothing
+changed, runs no stage and says it is up to date; a plain run then finds nothing to do and
+records no experiment; and `dvc exp apply` brings the recorded experiment back.
+
 Tiny training settings keep it to about a minute per pipeline; the default experiment's own
 numbers are what `make pipeline` shows.
 """
@@ -92,25 +98,98 @@ def test_plots_show_renders(clone, first_repro):
     assert result.returncode == 0 and "reports/train/loss.csv" in result.stdout
 
 
-def test_prefect_flow_reruns_only_what_a_train_param_change_touches(clone, first_repro,
-                                                                    monkeypatch):
-    """The flow brings the stages up to date in dvc.yaml's order; after a change of a training
-    parameter, DVC reruns the fine-tune and what depends on it, and none of the data stages."""
+@pytest.fixture(scope="module")
+def flow_runs(clone, first_repro):
+    """Through the Prefect flow, in order: a nightly run with train.seed=11 (timed), a second
+    nightly run with nothing changed (timed), a plain run; then `dvc repro`."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import bit_finetune
 
-    for key, value in _env(clone).items():
-        monkeypatch.setenv(key, value)
-    with prefect_test_harness(server_startup_timeout=120):
-        result = bit_finetune(overrides=["train.seed=11"], device="cpu", repo=str(clone))
-    ran = {r["stage"]: r["ran"] for r in result["stages"]}
+    runs, seconds = {}, {}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in _env(clone).items():
+            patch.setenv(key, value)
+        for key in ("BIT_PARAMS", "MLFLOW_RUN_ID"):
+            patch.delenv(key, raising=False)
+        with prefect_test_harness(server_startup_timeout=120):
+            for name, overrides, nightly in (("changed", ["train.seed=11"], True),
+                                             ("unchanged", None, True), ("plain", None, False)):
+                start = time.perf_counter()
+                runs[name] = bit_finetune(overrides=overrides, device="cpu", repo=str(clone),
+                                          nightly=nightly)
+                seconds[name] = time.perf_counter() - start
+            artifacts = _artifacts("bit-nightly")
+    return runs, seconds, artifacts, _dvc(clone, "repro")
+
+
+def _artifacts(key: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key])))
+    return [str(artifact.data) for artifact in found]
+
+
+def _experiments(repo: Path) -> list[str]:
+    return _dvc(repo, "exp", "list", "--name-only").stdout.split()
+
+
+def test_a_nightly_run_reruns_only_what_a_train_param_change_touches(clone, flow_runs):
+    """The flow brings the stages up to date in dvc.yaml's order; after a change of a training
+    parameter, DVC reruns the fine-tune and what depends on it, and none of the data stages."""
+    runs, _, _, after = flow_runs
+    first = runs["changed"]
+    ran = {r["stage"]: r["ran"] for r in first["stages"]}
     assert list(ran) == STAGES
     assert [stage for stage in STAGES if ran[stage]] == AFTER_WEIGHTS
+    assert not first["up_to_date"] and first["mlflow_run_id"]
     assert "seed: 11" in (clone / "params.yaml").read_text()
-    assert result["mlflow_run_id"]
-    after = _dvc(clone, "repro")  # the flow left dvc.lock matching the workspace
-    assert after.returncode == 0 and _ran(after.stdout) == []
+    assert after.returncode == 0 and _ran(after.stdout) == []  # dvc.lock matches the workspace
+
+
+def test_the_nightly_run_records_the_experiment(clone, flow_runs):
+    first = flow_runs[0]["changed"]
+    name = first["experiment"]["name"]
+    assert name.startswith("nightly-")
+    assert name in _experiments(clone)
+    rev = first["experiment"]["rev"]
+    files = subprocess.run(["git", "show", "--name-only", "--format=%B", rev], cwd=clone,
+                           capture_output=True, text=True, check=True).stdout
+    assert first["mlflow_run_id"] in files  # the commit message names the MLflow run
+    for path in ("dvc.lock", "params.yaml", "reports/eval/metrics.json",
+                 "reports/train/metrics.json"):
+        assert path in files.split(), files
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_run(first["mlflow_run_id"])
+    assert run.data.tags["dvc.experiment"] == name
+    assert run.data.tags["dvc.experiment_rev"] == rev
+
+
+def test_a_second_nightly_is_up_to_date_and_fast(clone, flow_runs):
+    runs, seconds, artifacts, _ = flow_runs
+    first, second = runs["changed"], runs["unchanged"]
+    assert second["up_to_date"] and second["experiment"] is None
+    assert second["stages"] == []  # nothing refreshed, nothing trained
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert any("up to date" in text for text in artifacts), artifacts
+    assert any(first["experiment"]["name"] in text for text in artifacts), artifacts
+    print(f"up-to-date nightly run: {seconds['unchanged']:.1f} s")
+    assert seconds["unchanged"] < 30
+
+
+def test_a_plain_run_with_nothing_changed_runs_nothing_and_records_no_experiment(clone,
+                                                                               flow_runs):
+    runs = flow_runs[0]
+    plain = runs["plain"]
+    assert [r["stage"] for r in plain["stages"]] == STAGES
+    assert not any(r["ran"] or r["restored"] for r in plain["stages"])
+    assert plain["up_to_date"] and plain["experiment"] is None
+    assert plain["mlflow_run_id"] == runs["changed"]["mlflow_run_id"]
+    assert _experiments(clone) == [runs["changed"]["experiment"]["name"]]
 
 
 def test_run_read_back_through_mlflow_server(clone, first_repro):
@@ -129,3 +208,25 @@ def test_run_read_back_through_mlflow_server(clone, first_repro):
         with urllib.request.urlopen(url) as reply:
             steps = [m["step"] for m in _json.load(reply)["metrics"]]
         assert steps == [1, 2]
+
+
+def test_the_recorded_experiment_reproduces(clone, flow_runs):
+    """After later changes, `dvc exp apply` brings back the experiment's parameters and results.
+    (Last in this module: it changes the clone.)"""
+    from flows.overrides import apply_overrides
+
+    name = flow_runs[0]["changed"]["experiment"]["name"]
+    assert name in _dvc(clone, "exp", "show", "--json").stdout
+    params, metrics = (clone / "params.yaml").read_text(), clone / "reports/eval/metrics.json"
+    recorded = metrics.read_text()
+    apply_overrides(clone / "params.yaml", ["train.seed=9"])
+    metrics.unlink()
+    assert _dvc(clone, "exp", "apply", name).returncode == 0
+    assert (clone / "params.yaml").read_text() == params
+    assert metrics.read_text() == recorded
+    status = json.loads(_dvc(clone, "status", "--json").stdout or "{}")
+    # models/resume (the fine-tune stage's persist folder) is empty after a finished training;
+    # `dvc exp apply` removes empty folders, which `dvc status` then reports as deleted.
+    if status.get("finetune") == [{"changed outs": {"models/resume": "deleted"}}]:
+        del status["finetune"]
+    assert status == {}
