@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from torch.utils.data import DataLoader
 
 from bench.measure import CPU
@@ -35,6 +34,7 @@ from bit_core.device import cpu_units, resolve_precision
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.splits import read_split
 from bit_core.weights import load_trained
+from flows import dag
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE, CONTROL, CANDIDATE = "fp32", "fp32 channels_last", "bf16"
@@ -46,8 +46,7 @@ INPUT_STAGES = ("fetch_data", "prepare", "fetch_weights")
 
 def _stage(work: Path, name: str, env: dict, extra: list[str] = ()) -> None:
     """Run a dvc.yaml stage's command in `work` (with this checkout's code)."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    python, *args = stages[name]["cmd"].split()
+    python, *args = dag.command(REPO, name).split()
     proc = subprocess.run([sys.executable, *args, *extra], cwd=work, env=env,
                           capture_output=True, text=True)
     if proc.returncode:

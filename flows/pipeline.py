@@ -273,10 +273,7 @@ def command(repo: str, argv: list[str], log: bool = True, env: dict[str, str] | 
 def stage_status(repo: str, stage: str) -> dict:
     """What DVC says changed for `stage` alone (``dvc status --json <stage>``); {} when it is up
     to date and ``dvc repro`` would skip it."""
-    code, output = dvc(repo, "status", "--json", stage, log=False)
-    if code != 0:
-        raise RuntimeError(f"dvc status {stage} failed: {output[-300:]}")
-    return workspace.json_output(output) or {}
+    return workspace.status(repo, stage)
 
 
 def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
@@ -335,10 +332,7 @@ def changing_sources(params: dict) -> list[str]:
 @task(name="dvc-status")
 def pipeline_status(repo: str) -> dict:
     """`dvc status`: {stage: what changed}; empty when every stage is up to date."""
-    code, output = dvc(repo, "status", "--json", log=False)
-    if code != 0:
-        raise RuntimeError(f"dvc status failed: {output[-300:]}")
-    return workspace.json_output(output) or {}
+    return workspace.status(repo)
 
 
 @task(name="prepare-workspace")

@@ -216,7 +216,7 @@ def share_run(root: str | Path, stage: str, sharing: Sharing) -> None:
     from dvc.stage.cache import _can_hash, _get_cache_hash, _get_stage_hash
     from dvc.stage.serialize import to_single_stage_lockfile
 
-    failed = 0
+    failed, step = 0, f"recording the run of {stage}"
     try:
         with chdir(root), Repo(str(root)) as repo:  # DVC's API resolves paths from there
             found = _stage(repo, root, stage)
@@ -226,13 +226,27 @@ def share_run(root: str | Path, stage: str, sharing: Sharing) -> None:
                 if sharing.remote:
                     for objs in repo.stage_cache.get_used_objs([entry]).values():
                         failed += len(repo.cloud.push(objs).failed)
+            if sharing.remote and not failed:  # what `dvc push --run-cache <stage>` does
+                step = f"pushing {stage} to DVC remote {sharing.remote_shown}"
+                repo.push(targets=[stage], run_cache=True)
     except Exception as err:  # noqa: BLE001 - DVC's own errors, one line
-        raise WorkspaceError(redact(f"recording the run of {stage} failed ({err}): "
-                                    f"{REMOTE_FIX}")) from None
+        raise WorkspaceError(redact(f"{step} failed ({err}): {REMOTE_FIX}")) from None
     if failed:
         raise WorkspaceError(f"pushing {stage} to DVC remote {sharing.remote_shown} failed "
                              f"({failed} files): {REMOTE_FIX}")
-    push(root, sharing, stage)
+
+
+def status(root: str | Path, *stages: str) -> dict:
+    """What DVC says changed in `root` for `stages` (every stage when none), as ``dvc status
+    --json`` prints it, asked through DVC's API: {stage: [changes]}, {} when up to date."""
+    from dvc.repo import Repo
+
+    try:
+        with chdir(root), Repo(str(root)) as repo:
+            return repo.status(targets=list(stages) or None)
+    except Exception as err:  # noqa: BLE001 - DVC's own errors, one line
+        command = " ".join(("dvc status", *stages))
+        raise WorkspaceError(redact(f"{command} in {root} failed ({err})")) from None
 
 
 def _stage(repo, root: str | Path, name: str):

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
+from flows import dag
 from flows.overrides import apply_overrides
 from tasks import environment
 from tests.http_fixtures import http_server  # noqa: F401 (a fixture for every test module)
@@ -50,10 +50,9 @@ def digits_inputs(tmp_path_factory) -> Path:
     dvc.yaml commands as separate processes, as `dvc repro` does."""
     work = tmp_path_factory.mktemp("digits")
     shutil.copyfile(REPO / "params.yaml", work / "params.yaml")
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     env = {**os.environ, "BIT_PARAMS": str(work / "params.yaml")}
     for name in INPUT_STAGES:
-        python, *args = stages[name]["cmd"].split()
+        python, *args = dag.command(REPO, name).split()
         assert python == "python"
         subprocess.run([sys.executable, *args], cwd=work, env=env, check=True,
                        stdout=subprocess.DEVNULL)

@@ -193,12 +193,16 @@ def test_a_plain_run_with_nothing_changed_runs_nothing_and_records_no_experiment
 
 
 def test_run_read_back_through_mlflow_server(clone, first_repro):
-    """`mlflow server` on the pipeline's store serves the run over its REST API."""
+    """`mlflow server` on the pipeline's store serves the run over its REST API; the flow's
+    preflight finds the server up and links the run in its UI."""
     import json as _json
     import urllib.request
 
+    from flows.pipeline import check_tracking_server, mlflow_link
+
     run_id = json.loads((clone / "models/finetuned/mlflow_run.json").read_text())["run_id"]
     with running_mlflow_server(f"sqlite:///{clone / 'mlflow.db'}", clone) as base:
+        assert check_tracking_server(base) is True
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
             run = _json.load(reply)["run"]
         assert run["info"]["status"] == "FINISHED"
@@ -208,6 +212,8 @@ def test_run_read_back_through_mlflow_server(clone, first_repro):
         with urllib.request.urlopen(url) as reply:
             steps = [m["step"] for m in _json.load(reply)["metrics"]]
         assert steps == [1, 2]
+        experiment = run["info"]["experiment_id"]
+        assert f"({base}/#/experiments/{experiment}/runs/{run_id})" in mlflow_link(base, run_id)
 
 
 def test_the_recorded_experiment_reproduces(clone, flow_runs):

@@ -119,18 +119,6 @@ def test_mlflow_link_for_a_local_store():
     assert mlflow_link("sqlite:///m.db", None) == "MLflow run: none recorded"
 
 
-@pytest.mark.slow
-def test_preflight_and_run_link_with_a_live_mlflow_server(mlflow_server):
-    from mlflow.tracking import MlflowClient
-
-    assert check_tracking_server(mlflow_server) is True
-    client = MlflowClient(mlflow_server)
-    experiment = client.create_experiment("bit-pipeline")
-    run = client.create_run(experiment).info.run_id
-    link = mlflow_link(mlflow_server, run)
-    assert f"({mlflow_server}/#/experiments/{experiment}/runs/{run})" in link
-
-
 # --- the whole flow through a Prefect server ---------------------------------------------------
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
+from flows import dag
 from flows.overrides import apply_overrides
 from tests.conftest import TINY
 
@@ -46,10 +46,9 @@ def _stage(module: str, *args: str) -> int:
 @pytest.fixture(scope="module")
 def pipeline(workdir):
     """Run every stage once, in order, as dvc.yaml does (with the same arguments)."""
-    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
-    codes = {}
-    for name, stage in stages.items():
-        argv = stage["cmd"].split()
+    root, codes = Path(__file__).parents[1], {}
+    for name in dag.stages(root):
+        argv = dag.command(root, name).split()
         assert argv[:2] == ["python", "-m"]
         codes[name] = _stage(argv[2].removeprefix("tasks."), *argv[3:])
     return workdir, codes
