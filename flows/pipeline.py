@@ -271,8 +271,8 @@ def command(repo: str, argv: list[str], log: bool = True, env: dict[str, str] | 
 
 
 def stage_status(repo: str, stage: str) -> dict:
-    """What DVC says changed for `stage` alone (``dvc status --json <stage>``); {} when it is up
-    to date and ``dvc repro`` would skip it."""
+    """What DVC says changed for `stage` alone (``dvc status <stage>``, through DVC's API); {}
+    when it is up to date and ``dvc repro`` would skip it."""
     return workspace.status(repo, stage)
 
 
