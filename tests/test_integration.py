@@ -107,11 +107,12 @@ def flow_runs(clone, first_repro):
     from flows.pipeline import bit_finetune
 
     runs, seconds = {}, {}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in _env(clone).items():
+    env = _env(clone)
+    with pytest.MonkeyPatch.context() as patch:  # this process's environment becomes `env`
+        for key, value in env.items():
             patch.setenv(key, value)
-        for key in ("BIT_PARAMS", "MLFLOW_RUN_ID"):
-            patch.delenv(key, raising=False)
+        for key in set(os.environ) - set(env):
+            patch.delenv(key)
         with prefect_test_harness(server_startup_timeout=120):
             for name, overrides, nightly in (("changed", ["train.seed=11"], True),
                                              ("unchanged", None, True), ("plain", None, False)):
