@@ -35,10 +35,15 @@ setup: $(STAMP)  ## create .venv with the pinned dependencies
 pipeline: setup  ## run the whole pipeline (dvc repro) on the default experiment
 	@$(BIN)/bit run
 
-# Test processes side by side, one module each (pytest-xdist). A full run keeps a 2-core CPU busy
-# only about half the time in one process: much of it waits for servers, workers and timeouts.
+# Test processes side by side, one module each (pytest-xdist), the longest modules first
+# (tests/conftest.py: LONGEST_FIRST; xdist would otherwise reorder them by their number of tests).
+# A full run keeps a 2-core CPU busy only about half the time in one process: much of it waits
+# for servers, workers and timeouts. Side by side, every torch process (and each stage it starts)
+# has as many OpenMP threads as there are cores; OMP_WAIT_POLICY=PASSIVE makes an idle thread
+# sleep instead of spinning on a core the other process needs.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile \
+	--no-loadscope-reorder
 
 test: setup  ## run the test suite (all tiers)
 	@$(PYTEST)

@@ -39,6 +39,16 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(autouse=True)
+def _sys_path_kept():
+    """Loading a registered model puts its code folder (a copy of bit_core's serving part) first
+    on sys.path for the rest of the process: a process a later test spawns would import that copy
+    instead of the package (seen when test_distributed followed test_register in one worker)."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
 INPUT_STAGES = ("fetch_data", "prepare", "fetch_weights")
 
 
@@ -211,8 +221,17 @@ def s3_server(tmp_path) -> Iterator[S3Endpoint]:
         yield endpoint
 
 
+# The modules that take minutes, longest first, as a full `make test` measured them on a 2-core
+# machine. `make test` hands whole modules to its processes in collection order
+# (--no-loadscope-reorder), so these start first and no long one starts last while the other
+# process idles. Other modules with slow tests follow, then the rest.
+LONGEST_FIRST = ("test_multi_host", "test_prefect_server", "test_nodes", "test_integration",
+                 "test_recipes", "test_bench", "test_stages", "test_stop", "test_register",
+                 "test_train")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules with slow tests first, each in its own order: when `make test` runs modules side
-    by side, the long ones then start at once instead of last."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
+    items.sort(key=lambda item: (rank.get(item.module.__name__.rpartition(".")[2], len(rank)),
+                                 item.module.__name__ not in slow))

@@ -36,6 +36,7 @@ def _tiny_onnx(path):
 
 @pytest.fixture
 def store(tmp_path, monkeypatch, repo_root):
+    monkeypatch.chdir(tmp_path)  # where a new store puts its artifacts (./mlruns)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     _tiny_onnx(tmp_path / "model.onnx")
