@@ -49,6 +49,17 @@ def _sys_path_kept():
     sys.path[:] = saved
 
 
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> str:
+    """A new MLflow store on SQLite in tmp_path, no run active. A new store puts its artifacts
+    under ./mlruns, so the test runs in tmp_path: nothing lands in the checkout."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return uri
+
+
 INPUT_STAGES = ("fetch_data", "prepare", "fetch_weights")
 
 

@@ -25,11 +25,9 @@ def _report(tmp_path: Path) -> Path:
     return report
 
 
-def test_the_finetune_run_carries_the_data_report(tmp_path, monkeypatch):
+def test_the_finetune_run_carries_the_data_report(tmp_path, tracking_store, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     report, finetuned = _report(tmp_path), tmp_path / "finetuned"
     finetuned.mkdir()

@@ -35,10 +35,7 @@ def _tiny_onnx(path):
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch, repo_root):
-    monkeypatch.chdir(tmp_path)  # where a new store puts its artifacts (./mlruns)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+def store(tmp_path, tracking_store, repo_root):
     _tiny_onnx(tmp_path / "model.onnx")
     return tmp_path, load_params(repo_root / "params.yaml")
 
