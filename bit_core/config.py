@@ -150,7 +150,8 @@ class ExportConfig(_Section):
 
     opset: int = Field(17, ge=13, le=18)  # ATC reads opsets up to 18
     parity_batches: list[int] = [1, 3, 8]
-    atol: float = Field(1e-4, gt=0)
+    atol: float = Field(1e-4, gt=0)  # parity tolerance: atol + rtol x largest |logit|
+    rtol: float = Field(1e-4, ge=0)
     simplify: bool = True
 
 

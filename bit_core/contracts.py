@@ -67,6 +67,7 @@ class ExportReport(_Record):
     onnx_bytes: int
     op_types: list[str]
     max_abs_diff: float
+    max_diff_to_tolerance: float  # at most 1: every check within atol + rtol x largest |logit|
 
 
 # --- evaluate -> register ---------------------------------------------------------------------------

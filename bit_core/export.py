@@ -142,38 +142,61 @@ def real_batch(data_root: Path, splits: Path, resolution: int, count: int = 8
 
 
 def check_parity(model: nn.Module, onnx_path: Path, *, batches: list[int], resolution: int,
-                 atol: float = 1e-4, real_images: torch.Tensor | None = None,
+                 atol: float, rtol: float, real_images: torch.Tensor | None = None,
                  seed: int = 0) -> dict:
-    """Compare ONNX Runtime's logits with PyTorch fp32 (unfolded) at each batch size.
-
-    Inputs are uniform in [-1, 1] and, when given, real preprocessed images. Returns the worst
-    absolute difference per input kind; raises ParityError above `atol`.
-    """
+    """Compare ONNX Runtime's logits with the PyTorch model's (unfolded) at each batch size, as
+    :func:`compare_logits` does."""
     session = onnx_session(onnx_path)
     return compare_logits(model, lambda x: session.run([OUTPUT], {INPUT: x})[0],
                           "ONNX Runtime", "the export is wrong", batches=batches,
-                          resolution=resolution, atol=atol, real_images=real_images, seed=seed)
+                          resolution=resolution, atol=atol, rtol=rtol, real_images=real_images,
+                          seed=seed)
+
+
+def exact_logits(model: nn.Module, batches: list[torch.Tensor]) -> list[np.ndarray]:
+    """The model's logits for each batch, computed in float64 on the CPU: the reference that a
+    back-end's fp32 rounding is measured against. The model is left in fp32, in eval mode."""
+    model = model.cpu().eval()
+    try:
+        model.double()
+        with torch.no_grad():
+            return [model(x.double()).numpy() for x in batches]
+    finally:
+        model.float()  # fp32 -> fp64 -> fp32 is exact: the weights come back unchanged
 
 
 def compare_logits(model: nn.Module, predict, name: str, verdict: str, *, batches: list[int],
-                   resolution: int, atol: float, real_images: torch.Tensor | None = None,
-                   seed: int = 0) -> dict:
-    """The worst |logits - PyTorch fp32 logits| of `predict` (numpy -> numpy) per input kind
-    and batch size; ParityError naming `name` and ending with `verdict` above `atol`."""
+                   resolution: int, atol: float, rtol: float,
+                   real_images: torch.Tensor | None = None, seed: int = 0) -> dict:
+    """The worst |logits - exact logits| of `predict` (numpy -> numpy) per input kind and batch
+    size, and the worst of those differences over its tolerance (``max_diff_to_tolerance``);
+    ParityError naming `name` and ending with `verdict` when one is above its tolerance.
+
+    Inputs are uniform in [-1, 1] and, when given, real preprocessed images. The reference is
+    :func:`exact_logits`. The tolerance of a batch is ``atol + rtol * largest |exact logit|``:
+    fp32 rounding grows with the logits (a ResNet-50 with logits near 4 is about 1e-4 from
+    exact on AVX-512 kernels), while the defects this check exists for (the zero-pad trap,
+    wrong weights) are 1e-2 and more.
+    """
     generator = torch.Generator().manual_seed(seed)
-    model = model.float().cpu().eval()
-    report = {}
+    inputs = []
     for batch in batches:
-        inputs = {"random": torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1}
+        inputs.append((batch, "random",
+                       torch.rand(batch, 3, resolution, resolution, generator=generator) * 2 - 1))
         if real_images is not None and len(real_images):
-            inputs["real"] = real_images[torch.arange(batch) % len(real_images)]
-        for kind, x in inputs.items():
-            with torch.no_grad():
-                expected = model(x).numpy()
-            diff = float(np.abs(expected - predict(x.numpy())).max())
-            report[f"max_abs_diff_{kind}_bs{batch}"] = diff
-            if not diff <= atol:
-                raise ParityError(f"{name} differs from PyTorch by {diff:.3g} (> {atol}) "
-                                  f"at batch {batch} on {kind} inputs: {verdict}")
+            inputs.append((batch, "real", real_images[torch.arange(batch) % len(real_images)]))
+    expected = exact_logits(model, [x for _, _, x in inputs])
+    report, worst = {}, 0.0
+    for (batch, kind, x), exact in zip(inputs, expected):
+        diff = float(np.abs(exact - predict(x.float().numpy())).max())
+        largest = float(np.abs(exact).max())
+        tolerance = atol + rtol * largest
+        report[f"max_abs_diff_{kind}_bs{batch}"] = diff
+        worst = max(worst, diff / tolerance)
+        if not diff <= tolerance:
+            raise ParityError(f"{name} differs from PyTorch by {diff:.3g} (> {tolerance:.3g}: "
+                              f"atol + rtol x largest logit {largest:.3g}) at batch {batch} on "
+                              f"{kind} inputs: {verdict}")
     report["max_abs_diff"] = max(report.values())
+    report["max_diff_to_tolerance"] = worst
     return report

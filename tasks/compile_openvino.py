@@ -41,14 +41,14 @@ def calibration_images(data_root: Path, splits: Path, resolution: int, count: in
 
 
 def _parity(model, directory: Path, files: dict[str, str], params: Params, real) -> dict:
-    """fp32 IR against PyTorch fp32 within export.atol (else ParityError); how far bf16 and the
+    """fp32 IR against PyTorch within export.atol and .rtol (else ParityError); how far bf16 and the
     int8 IR are (reported; the evaluation's accuracy gates judge them)."""
     resolution = real.shape[-1]
     fp32 = ir_predictor(directory / files["fp32"], "f32")
     report = {"fp32_" + k: v for k, v in compare_logits(
         model, fp32, "The OpenVINO IR", "re-run compile_openvino, or report the OpenVINO "
         "version", batches=params.export.parity_batches, resolution=resolution,
-        atol=params.export.atol, real_images=real).items()}
+        atol=params.export.atol, rtol=params.export.rtol, real_images=real).items()}
     expected = fp32(real.numpy())
     units = cpu_units()
     runs = {"bf16": files["fp32"]} if units.fast_bf16 else {}

@@ -16,7 +16,7 @@ from tasks.common import log, stage_main
 
 def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, out: Path,
            report: Path) -> ExportReport:
-    """Export, then fail unless ONNX Runtime matches PyTorch within export.atol."""
+    """Export, then fail unless ONNX Runtime matches PyTorch within export.atol and .rtol."""
     cfg = params.export
     model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
     record = ModelRecord.of_checkpoint(checkpoint)
@@ -24,7 +24,8 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
     path = export_onnx(model, out / ONNX_FILE, resolution=resolution, opset=cfg.opset,
                        simplify=cfg.simplify, metadata=record.onnx_metadata())
     parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
-                          atol=cfg.atol, real_images=real_batch(data_root, splits, resolution))
+                          atol=cfg.atol, rtol=cfg.rtol,
+                          real_images=real_batch(data_root, splits, resolution))
     result = ExportReport(opset=cfg.opset, onnx_bytes=path.stat().st_size,
                           op_types=sorted(op_types(path)), **parity)
     result.write(report)

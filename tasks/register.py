@@ -153,7 +153,7 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
         raise ConfigError(f"registry.metric {cfg.metric!r} is not in {eval_metrics}: choose one of "
                           f"{', '.join(k for k in metrics if 'top' in k)}")
     value = metrics[cfg.metric]
-    parity = ExportReport.read(export_report, "export_onnx").max_abs_diff <= params.export.atol
+    parity = ExportReport.read(export_report, "export_onnx").max_diff_to_tolerance <= 1
     data = fingerprint(splits)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow is None:

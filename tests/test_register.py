@@ -69,8 +69,8 @@ def pipeline_run(tmp, params, name, top1, parity=1e-6, test_images=3):
     tracking.write_run_file(run_dir, client.create_run(experiment_id, run_name=name).info.run_id)
     EvaluationMetrics(test_images=3, om_skipped="no ATC here", onnxruntime_top1=top1).write(
         run_dir / "metrics.json")
-    ExportReport(opset=17, onnx_bytes=100, op_types=["Flatten"], max_abs_diff=parity).write(
-        run_dir / "export.json")
+    ExportReport(opset=17, onnx_bytes=100, op_types=["Flatten"], max_abs_diff=parity,
+                 max_diff_to_tolerance=parity / params.export.atol).write(run_dir / "export.json")
     prepared_data(run_dir / "prepared", test_images)
     return run_dir
 

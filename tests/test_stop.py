@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import psutil
 import pytest

@@ -8,7 +8,6 @@ pipeline: what is checked is how workspaces share, not what the stages compute.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import time
