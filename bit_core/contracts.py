@@ -157,7 +157,7 @@ class IRStatus(StrEnum):
 
 class IRManifest(_Record):
     """The compile_openvino stage's record: the OpenVINO IR files by precision, their parity
-    with PyTorch fp32 on the export's inputs, or why nothing was built.
+    on the export's inputs, or why nothing was built.
 
     An IR holds fp32 (or int8) weights; bf16 is how OpenVINO runs the fp32 IR on a CPU with
     bf16 units (its inference precision), so the bf16 row uses ``files["fp32"]``."""
@@ -168,7 +168,9 @@ class IRManifest(_Record):
     files: dict[str, str]  # "fp32" / "int8" -> .xml relative to the manifest (the .bin beside)
     int8_reason: str | None  # why there is no int8 IR, when there is none
     calibration_images: int  # training images the int8 IR was calibrated on
-    parity: dict[str, float]  # max |logits - PyTorch fp32| per precision; int8 top-1 agreement
+    # fp32_*: as ExportReport, against the model's exact logits; bf16_* and int8_*: max |logits -
+    # the fp32 IR's| and top-1 agreement with it on the real inputs
+    parity: dict[str, float]
     versions: dict[str, str]
 
     def ir(self, directory: Path, precision: str) -> Path | None:
