@@ -31,7 +31,8 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
     result.write(report)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow:
-            mlflow.log_metric("onnx_max_abs_diff", result.max_abs_diff)
+            mlflow.log_metrics({"onnx_max_abs_diff": result.max_abs_diff,
+                                "onnx_max_diff_to_tolerance": result.max_diff_to_tolerance})
             mlflow.log_artifact(str(path), "onnx")
     return result
 

@@ -178,6 +178,7 @@ def test_one_mlflow_run_holds_every_stage(pipeline):
     run = client.get_run(run_id)
     assert run.data.params["train.batch"] == "8" and run.data.params["plan.schedule"] == "[1, 2]"
     assert "onnx_max_abs_diff" in run.data.metrics and "test_onnxruntime_top1" in run.data.metrics
+    assert 0 < run.data.metrics["onnx_max_diff_to_tolerance"] <= 1
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
     assert run.data.tags["git.commit"]
     assert run.info.status == "FINISHED"
