@@ -3,6 +3,9 @@
 - The tools' telemetry is off (everything here runs offline or on private hosts), and importing
   torch does not try to load an accelerator back-end on its own (``torch_npu`` is imported only
   when ``device: npu`` asks for it).
+- ``mlflow server`` and ``mlflow ui`` run without MLflow's server-side jobs: the project uses none
+  of the features they serve (GenAI evaluation and trace roll-ups), and with them on the server
+  starts eight job-consumer processes beside the web server, each a Python of its own.
 - The default MLflow store is ``mlflow.db`` at the repository root, the directory the stages run
   in; ``MLFLOW_TRACKING_URI`` points elsewhere (a shared server).
 - Commands started for the pipeline (``dvc``, and the ``python`` of dvc.yaml's commands) are
@@ -26,6 +29,7 @@ TOOL_ENV = {
     "NNCF_CI": "1",  # NNCF's switch for its usage statistics (OpenVINO's are sent only by ovc,
                      # its converter, which the pipeline does not use: it reads the ONNX itself)
     "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }
 
 
