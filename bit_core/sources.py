@@ -43,8 +43,9 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
 
 
-def _images(folder: Path) -> Iterator[Path]:
-    """The images under `folder`, at any depth, in sorted order; hidden folders are skipped."""
+def images_in(folder: Path) -> Iterator[Path]:
+    """The images under `folder`, at any depth, in sorted order; hidden files and folders (such
+    as ``._photo.jpg`` or ``.ipynb_checkpoints/``) are skipped."""
     for parent, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         yield from (Path(parent) / name for name in sorted(files) if is_image(Path(parent) / name))
@@ -52,7 +53,7 @@ def _images(folder: Path) -> Iterator[Path]:
 
 def count_images(folder: Path) -> int:
     """How many images :func:`materialize_folder` would take from `folder`."""
-    return sum(1 for _ in _images(folder))
+    return sum(1 for _ in images_in(folder))
 
 
 def _subfolders(folder: Path) -> list[Path]:
@@ -119,7 +120,7 @@ def _link_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> in
     count = 0
     for name in classes:
         found = 0
-        for path in _images(folder / name):
+        for path in images_in(folder / name):
             dest = tmp / path.relative_to(root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(path, dest)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bit_core.backends import serving_backend
 from bit_core.config import Params, RegistryConfig
@@ -16,6 +15,7 @@ from bit_core.device import cpu_units
 from bit_core.errors import ConfigError
 from bit_core.redact import redact
 from bit_core.serving import ImageClassifier, ImageError, Prediction, load_image
+from bit_core.sources import images_in
 from tasks.register import CHALLENGER, CHAMPION
 
 BATCH = 32
@@ -128,11 +128,11 @@ def open_model(spec: str, params: Params | None) -> ImageClassifier:
 
 
 def image_paths(inputs: list[Path]) -> Iterator[Path]:
-    """The files given, and the image files under the folders given (sorted)."""
+    """The files given, and the image files under the folders given (sorted; hidden files and
+    folders skipped, as a data folder's are)."""
     for path in inputs:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*")
-                              if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            yield from images_in(path)
         else:
             yield path
 

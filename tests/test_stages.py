@@ -402,13 +402,16 @@ def test_bit_predict_on_files_and_folders(pipeline, tmp_path):
         (folder / source.name).write_bytes(source.read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "notes.txt").write_text("not an image, not listed")
+    (folder / "._copied_from_a_mac.png").write_bytes(b"resource fork, not listed")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints/x-checkpoint.png").write_bytes(images[0].read_bytes())
     args = [str(p) for p in images] + [str(folder), "--top-k", "3", "--json"]
     by_onnx = _bit("predict", *args, "--model", str(work / "models/onnx/model.onnx"))
     by_torch = _bit("predict", *args, "--model", str(work / "models/finetuned/checkpoint.pt"))
     assert by_onnx.exit_code == by_torch.exit_code == 1  # one unreadable file
     onnx_rows, torch_rows = json.loads(by_onnx.stdout), json.loads(by_torch.stdout)
     assert [Path(r["path"]).name for r in onnx_rows] == \
-        [p.name for p in images] + sorted(p.name for p in folder.glob("*.png"))
+        [p.name for p in images] + sorted(p.name for p in folder.glob("[!.]*.png"))
     broken = next(r for r in onnx_rows if r["path"].endswith("broken.png"))
     assert broken["error"] == "not an image" and broken["classes"] is None
     for a, b in zip(onnx_rows, torch_rows, strict=True):
