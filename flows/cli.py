@@ -220,8 +220,9 @@ def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
     uri = environment.tracking_uri()
     console.print(f"MLflow UI for {redact(uri)} on http://127.0.0.1:{port}")
+    # one web worker: one person reads it (mlflow ui's default is four processes)
     command = [environment.tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port)]
+               "--port", str(port), "--workers", "1"]
     raise typer.Exit(subprocess.run(command, env=environment.tool_env()).returncode)
 
 

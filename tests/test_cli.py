@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
+import urllib.request
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks import environment
+from tests.conftest import BIN, free_port, processes_with_env, running_server
 
 runner = CliRunner()
 
@@ -81,3 +87,28 @@ def test_compare_loss_pass_and_fail(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["compare-loss", off, ref, "--plot", str(plot)])
     assert result.exit_code == 1 and "FAIL" in result.output and "MRE 0.2" in result.output
+
+
+def test_ui_serves_the_project_store_with_one_web_worker(tmp_path):
+    """`bit ui` in a folder: the MLflow UI on 127.0.0.1 over that folder's mlflow.db, run as three
+    processes (bit, the mlflow CLI, one uvicorn worker: no job consumers, no spare workers) and
+    stopped with its process group."""
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("seen-by-ui")
+    port, marker = free_port(), ("BIT_TEST_UI", str(tmp_path))
+    env = {**environment.tool_env(), marker[0]: marker[1]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with running_server([str(BIN / "bit"), "ui", "--port", str(port)],
+                        f"http://127.0.0.1:{port}/health", tmp_path, "ui", env=env):
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            names = {e["name"] for e in json.load(answer)["experiments"]}
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
+                    for pid in processes_with_env(*marker)]
+    deadline = time.monotonic() + 20  # the group had SIGTERM: mlflow passes it to uvicorn
+    while processes_with_env(*marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_with_env(*marker)
+    assert "seen-by-ui" in names
+    assert len(commands) == 3, commands
