@@ -5,7 +5,8 @@
   when ``device: npu`` asks for it).
 - ``mlflow server`` and ``mlflow ui`` run without MLflow's server-side jobs: the project uses none
   of the features they serve (GenAI evaluation and trace roll-ups), and with them on the server
-  starts eight job-consumer processes beside the web server, each a Python of its own.
+  starts eight more processes beside the web server (a job runner and its seven consumers), each
+  a Python of its own.
 - The default MLflow store is ``mlflow.db`` at the repository root, the directory the stages run
   in; ``MLFLOW_TRACKING_URI`` points elsewhere (a shared server).
 - Commands started for the pipeline (``dvc``, and the ``python`` of dvc.yaml's commands) are
