@@ -118,6 +118,21 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
+def command_lines(key: str, value: str) -> list[str]:
+    """The command lines of the live processes whose environment has key=value."""
+    return [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            for pid in processes_with_env(key, value)]
+
+
+def all_gone(key: str, value: str, seconds: float = 20) -> bool:
+    """Wait up to `seconds` for every process whose environment has key=value to end (a group
+    that had SIGTERM: a server passes it on to its workers, which take a moment)."""
+    deadline = time.monotonic() + seconds
+    while processes_with_env(key, value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not processes_with_env(key, value)
+
+
 def stop_group(process: subprocess.Popen, grace: float = 60) -> None:
     """SIGTERM the process group we started (its traps clean up), SIGKILL after `grace`."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):

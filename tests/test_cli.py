@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.request
-from pathlib import Path
 
 from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks import environment
-from tests.conftest import BIN, free_port, processes_with_env, running_server
+from tests.conftest import BIN, all_gone, command_lines, free_port, running_server
 
 runner = CliRunner()
 
@@ -104,11 +102,7 @@ def test_ui_serves_the_project_store_with_one_web_worker(tmp_path):
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
         with urllib.request.urlopen(url, timeout=10) as answer:
             names = {e["name"] for e in json.load(answer)["experiments"]}
-        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:120]
-                    for pid in processes_with_env(*marker)]
-    deadline = time.monotonic() + 20  # the group had SIGTERM: mlflow passes it to uvicorn
-    while processes_with_env(*marker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not processes_with_env(*marker)
+        commands = command_lines(*marker)
+    assert all_gone(*marker)
     assert "seen-by-ui" in names
     assert len(commands) == 3, commands

@@ -20,8 +20,8 @@ import pytest
 
 from flows.pipeline import PreflightError, check_tracking_server, mlflow_link
 from tests.http_fixtures import ArchiveServer
-from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
-                            stop_group)
+from tests.conftest import (BIN, all_gone, command_lines, free_port, make_clone, processes_with_env,
+                            running_mlflow_server, stop_group)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prefect_e2e.sh"
 E2E_TIMEOUT = 1800
@@ -115,15 +115,15 @@ def test_flow_fails_at_preflight_before_any_stage(tmp_path, monkeypatch):
 
 
 def test_the_mlflow_server_runs_without_job_consumers(tmp_path, monkeypatch):
-    """In the project's environment `mlflow server` is its web server alone: MLflow's job
-    runner and its huey consumers (eight processes) are not started."""
-    monkeypatch.setenv("BIT_TEST_SERVER", str(tmp_path))
+    """In the project's environment `mlflow server` is its web server alone (the mlflow CLI and
+    one uvicorn worker): MLflow's job runner and its seven huey consumers are not started."""
+    marker = ("BIT_TEST_SERVER", str(tmp_path))
+    monkeypatch.setenv(*marker)
     with running_mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", tmp_path):
         time.sleep(2)  # with jobs on, the runner starts its consumers by now
-        commands = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    for pid in processes_with_env("BIT_TEST_SERVER", str(tmp_path))]
-    names = sorted(b" ".join(c[1:3]).decode() for c in commands)
-    assert len(names) == 2 and not any("huey" in n or "job" in n for n in names), names
+        commands = command_lines(*marker)
+    assert all_gone(*marker)
+    assert len(commands) == 2 and not any("huey" in c or "job" in c for c in commands), commands
 
 
 def test_mlflow_link_for_a_local_store():
