@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -404,8 +405,12 @@ def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
         where = [f"--nnodes={cfg.nodes}", f"--rdzv-backend={RENDEZVOUS}",
                  f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", f"--rdzv-conf={conf}"]
     meeting = f"rendezvous {rdzv_id!r} at {endpoint}"
+    # The agent's log folder holds each worker's error file while it runs; without --log-dir it
+    # would be a new torchelastic_* folder left in the temp folder by every run.
+    logs = tempfile.TemporaryDirectory(prefix="bit-torchrun-", ignore_cleanup_errors=True)
     try:
-        run(parse_args([*where, f"--nproc-per-node={cfg.processes}", "--max-restarts=0", *argv]))
+        run(parse_args([*where, f"--nproc-per-node={cfg.processes}", "--max-restarts=0",
+                        f"--log-dir={logs.name}", *argv]))
     except ChildFailedError as failed:
         return {rank: failure.exitcode for rank, failure in failed.failures.items()}
     except RendezvousTimeoutError:
@@ -421,4 +426,6 @@ def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
     except RendezvousClosedError:
         raise ClusterError(f"the {meeting} is closed: its run has ended; start every node "
                            "again, or set another train.rdzv_id") from None
+    finally:
+        logs.cleanup()
     return {}

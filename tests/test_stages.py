@@ -207,9 +207,15 @@ def test_bad_params_stop_a_stage_with_one_line(workdir, capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path):
-    """train.processes=2: the stage runs as two gloo processes; rank 0 alone writes and logs."""
+def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path, monkeypatch):
+    """train.processes=2: the stage runs as two gloo processes; rank 0 alone writes and logs,
+    and the launcher's log folder does not outlive the run."""
+    import tempfile
+
     work = pipeline[0]
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     params = tmp_path / "params.yaml"
     params.write_text((work / "params.yaml").read_text())
     apply_overrides(params, ["train.processes=2", "train.device=cpu"])
@@ -224,6 +230,7 @@ def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path):
     checkpoint = torch.load(tmp_path / "ft/checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["config"]["processes"] == 2
     assert len((tmp_path / "rep/loss.csv").read_text().splitlines()) == 3
+    assert list(scratch.iterdir()) == []
 
 
 def test_interrupted_finetune_resumes_from_persisted_checkpoint(pipeline, tmp_path):
