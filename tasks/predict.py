@@ -3,9 +3,12 @@ fine-tuned checkpoint, preprocessed exactly as the evaluation preprocesses the t
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -80,9 +83,10 @@ def exported_classifier(onnx_path: Path, ir_dir: Path | None = None,
     return RuntimeClassifier(ModelRecord.of_onnx(onnx_path), predict, backend.name)
 
 
-def _registered(name: str, spec: str) -> tuple[Path, Path | None, dict[str, float]]:
+def _registered(name: str, spec: str, into: Path) -> tuple[Path, Path | None, dict[str, float]]:
     """The ONNX file of a registered version (`spec`: an alias or a version number), the
-    OpenVINO IR registered with it (or None) and the metrics of the run that evaluated it."""
+    OpenVINO IR registered with it (or None) and the metrics of the run that evaluated it.
+    A store on this disk is read in place; a remote one is downloaded under `into`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -91,10 +95,12 @@ def _registered(name: str, spec: str) -> tuple[Path, Path | None, dict[str, floa
     tracking.configure()
     uri = f"models:/{name}@{spec}" if not spec.isdigit() else f"models:/{name}/{spec}"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
         client = mlflow.MlflowClient()
         version = client.get_model_version(name, spec) if spec.isdigit() else \
             client.get_model_version_by_alias(name, spec)
+        source = client.get_model_version_download_uri(name, version.version)
+        local = Path(url2pathname(urlparse(source).path)) if urlparse(source).scheme in \
+            ("", "file") else Path(mlflow.artifacts.download_artifacts(source, dst_path=into))
         metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
     except MlflowException as err:
         raise ConfigError(f"no model {uri} in {redact(environment.tracking_uri())} "
@@ -122,7 +128,10 @@ def open_model(spec: str, params: Params | None) -> ImageClassifier:
             checkpoint_classifier(path)
     if spec in (CHAMPION, CHALLENGER) or spec.isdigit():
         name = (params.registry if params else RegistryConfig()).model_name
-        return exported_classifier(*_registered(name, spec))
+        # The classifier holds the model in memory once built, so a download from a remote
+        # store (ONNX and IR, some 200 MB) goes with this folder instead of staying behind.
+        with tempfile.TemporaryDirectory(prefix="bit-model-") as download:
+            return exported_classifier(*_registered(name, spec, Path(download)))
     raise ConfigError(f"--model {spec}: give champion, challenger, a version number, or an "
                       ".onnx / .pt file")
 

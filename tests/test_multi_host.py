@@ -293,7 +293,8 @@ def test_each_run_has_its_own_parameters(cluster, tracked):
     assert runs["b"][1].data.params["train.seed"] == "2"
 
 
-def test_both_runs_are_readable_through_the_mlflow_server(cluster, two_runs, tracked):
+def test_both_runs_are_readable_through_the_mlflow_server(cluster, two_runs, tracked,
+                                                          tmp_path):
     import mlflow
 
     client, runs = tracked
@@ -305,8 +306,34 @@ def test_both_runs_are_readable_through_the_mlflow_server(cluster, two_runs, tra
                                                    client.list_artifacts(run.info.run_id)}
         version = int(run.data.tags["registry.version"])
         mlflow.set_tracking_uri(cluster.mlflow)
-        model = mlflow.pyfunc.load_model(f"models:/bit-classifier/{version}")
+        (tmp_path / str(version)).mkdir()
+        model = mlflow.pyfunc.load_model(f"models:/bit-classifier/{version}",
+                                         dst_path=str(tmp_path / str(version)))
         assert model.metadata.run_id == run.info.run_id
+
+
+def test_bit_predict_reads_a_version_through_the_server_and_keeps_no_copy(
+        cluster, tracked, tmp_path, monkeypatch):
+    """`bit predict --model <version>` on a host whose store is the team's server downloads the
+    version's ONNX and IR (some 200 MB for BiT-M R50x1), classifies with them, and leaves no
+    copy behind in the temp folder."""
+    import tempfile
+
+    from PIL import Image
+
+    from tasks.predict import open_model
+
+    _, runs = tracked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cluster.mlflow)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    classifier = open_model(runs["a"][1].data.tags["registry.version"], None)
+    assert list(scratch.iterdir()) == []
+    (prediction,) = classifier.classify([Image.new("RGB", (40, 30), (200, 40, 10))], top_k=3)
+    assert set(prediction.classes) <= set(classifier.classes)
+    assert prediction.probabilities == sorted(prediction.probabilities, reverse=True)
+    assert 0 < sum(prediction.probabilities) <= 1 + 1e-6
 
 
 def _dvc(root: Path, env: dict, *args: str) -> str:

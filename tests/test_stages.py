@@ -428,10 +428,13 @@ def test_bit_predict_on_files_and_folders(pipeline, tmp_path):
             assert set(a["classes"]) <= {str(i) for i in range(10)}
 
 
-def test_predict_runs_the_back_end_the_evaluation_found_fastest(pipeline):
+def test_predict_runs_the_back_end_the_evaluation_found_fastest(pipeline, tmp_path,
+                                                                monkeypatch):
     """bit predict picks with the evaluation's rule: the fastest measured back-end this CPU runs,
     which answers as ONNX Runtime does; the registered champion brings its IR and its run's
-    metrics."""
+    metrics; a store on this disk is read in place, with nothing left in the temp folder."""
+    import tempfile
+
     from bit_core.backends import openvino_missing, serving_backend
     from bit_core.config import load_params
     from bit_core.device import cpu_units
@@ -457,7 +460,11 @@ def test_predict_runs_the_back_end_the_evaluation_found_fastest(pipeline):
     registered = Path(mlflow.artifacts.download_artifacts("models:/bit-classifier@champion"))
     assert {"model.xml", "model.bin", "int8.xml", "int8.bin", "manifest.json"} <= \
         {p.name for p in (registered / "artifacts/openvino").iterdir()}  # models/openvino
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     champion = open_model("champion", load_params(work / "params.yaml"))
+    assert list(scratch.iterdir()) == []
     run_id = json.loads((work / "models/finetuned/mlflow_run.json").read_text())["run_id"]
     metrics = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id).data.metrics
     assert champion.backend == serving_backend(cpu_units(), metrics, 32).name
