@@ -21,6 +21,13 @@ app = typer.Typer(help="bit-pipeline: fine-tune, export, compile and measure BiT
 console = Console()
 err_console = Console(stderr=True)
 
+
+@app.callback()
+def _environment() -> None:
+    # Every command runs with the project's tool settings (telemetry off), in this process before
+    # any tool starts, and in the commands it starts.
+    environment.apply()
+
 SetOption = Annotated[list[str] | None, typer.Option(
     "--set", "-S", help="override a parameter in params.yaml, e.g. -S train.batch=64 (repeatable)")]
 
@@ -124,7 +131,6 @@ def run(set_: SetOption = None,
 def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|cpu|cuda|npu")
          ) -> None:
     """Run the bit-finetune Prefect flow here (a temporary local Prefect server if none is set)."""
-    environment.apply()
     from flows.pipeline import bit_finetune
 
     result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))

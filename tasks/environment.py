@@ -29,6 +29,8 @@ TOOL_ENV = {
     "DO_NOT_TRACK": "1",
     "NNCF_CI": "1",  # NNCF's switch for its usage statistics (OpenVINO's are sent only by ovc,
                      # its converter, which the pipeline does not use: it reads the ONNX itself)
+    "ORT_DISABLE_TELEMETRY": "1",  # ONNX Runtime's (on Linux and macOS since 1.29): read when it
+                                   # starts, so no device id, event queue or upload
     "TORCH_DEVICE_BACKEND_AUTOLOAD": "0",
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }

@@ -86,6 +86,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def tiny_onnx(path: Path) -> Path:
+    """A model as the export stage writes it, with its record, that any CPU runs in a moment:
+    classes a, b, c at 4 px; its logits are the channel means."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from bit_core.record import ModelRecord
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["logits"])], "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    record = ModelRecord(model_name="BiT-M-R50x1", classes=["a", "b", "c"], resolution=4,
+                         precrop=5)
+    helper.set_model_props(model, record.onnx_metadata())
+    onnx.save(model, path)
+    return path
+
+
 def make_clone(root: Path, dest: Path, overrides: list[str] = TINY) -> Path:
     """The repository's tracked and unignored files, as a new git repo with one commit."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=root,

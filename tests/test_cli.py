@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import urllib.request
 
 from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks import environment
-from tests.conftest import BIN, all_gone, command_lines, free_port, running_server
+from tests.conftest import BIN, all_gone, command_lines, free_port, running_server, tiny_onnx
 
 runner = CliRunner()
 
@@ -106,3 +108,25 @@ def test_ui_serves_the_project_store_with_one_web_worker(tmp_path):
     assert all_gone(*marker)
     assert "seen-by-ui" in names
     assert len(commands) == 3, commands
+
+
+def test_bit_runs_onnx_runtime_without_its_telemetry(tmp_path):
+    """`bit` switches the tools' telemetry off itself: started without the project's settings,
+    `bit predict` on an ONNX file leaves no ONNX Runtime device id or event queue in the home
+    folder and no session file in the temp folder."""
+    from PIL import Image
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "red.png")
+    env = {key: value for key, value in os.environ.items() if key not in environment.TOOL_ENV}
+    result = subprocess.run(
+        [str(BIN / "bit"), "predict", str(tmp_path / "red.png"), "--model",
+         str(tiny_onnx(tmp_path / "tiny.onnx")), "--top-k", "1", "--json"],
+        env={**env, "HOME": str(home), "TMPDIR": str(tmp)}, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["classes"] == ["a"]
+    assert not (home / ".cache/Microsoft").exists()  # .../DeveloperTools/.onnxruntime/deviceid
+    assert not (tmp / ".ses").exists()

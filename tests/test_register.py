@@ -7,36 +7,21 @@ import io
 import json
 
 import numpy as np
-import onnx
 import pandas as pd
 import pytest
 from PIL import Image
-from onnx import TensorProto, helper
 
 from bit_core.config import load_params
 from bit_core.contracts import EvaluationMetrics, ExportReport
-from bit_core.record import ModelRecord
 from tasks import tracking
 from tasks.register import (CHALLENGER, CHAMPION, Candidate, choose_champion, register,
                             settle_champion)
-
-
-def _tiny_onnx(path):
-    graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["logits"])], "tiny",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    record = ModelRecord(model_name="BiT-M-R50x1", classes=["a", "b", "c"], resolution=4,
-                         precrop=5)
-    helper.set_model_props(model, record.onnx_metadata())  # as the export stage writes it
-    onnx.save(model, path)
+from tests.conftest import tiny_onnx
 
 
 @pytest.fixture
 def store(tmp_path, tracking_store, repo_root):
-    _tiny_onnx(tmp_path / "model.onnx")
+    tiny_onnx(tmp_path / "model.onnx")
     return tmp_path, load_params(repo_root / "params.yaml")
 
 
@@ -177,7 +162,7 @@ def test_two_registers_at_once_leave_the_right_champion(tmp_path, mlflow_server,
     from mlflow.tracking import MlflowClient
 
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
-    _tiny_onnx(tmp_path / "model.onnx")
+    tiny_onnx(tmp_path / "model.onnx")
     params = load_params(repo_root / "params.yaml")
     params = params.model_copy(update={"registry": params.registry.model_copy(
         update={"model_name": "raced"})})
