@@ -114,6 +114,29 @@ def test_presets_apply_and_validate(params_file, name):
     assert "# The only configuration of the pipeline." in params_file.read_text()
 
 
+RECIPE = ("resolution", "precrop", "flip", "batch", "base_lr", "momentum", "weight_decay",
+          "schedule", "mixup_alpha")  # what the BiT-HyperRule and the paper's recipes decide
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet", "flowers"])
+def test_a_preset_sets_the_whole_recipe_whatever_was_there(params_file, tmp_path, name):
+    """A preset decides every training value of the paper's recipe (no weight decay, momentum
+    0.9, the HyperRule's sizes, schedule and mixup), so a run after another recipe or after
+    `-S` changes trains the same as one from the default params.yaml."""
+    from flows.overrides import preset_overrides
+
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(params_file.read_text())
+    fresh = apply_overrides(params_file, preset_overrides(name)).train
+    apply_overrides(changed, ["train.resolution=64", "train.precrop=72", "train.flip=false",
+                              "train.batch=96", "train.base_lr=0.1", "train.momentum=0.5",
+                              "train.weight_decay=0.01", "train.schedule=[5, 10]",
+                              "train.mixup_alpha=0.4"])
+    after = apply_overrides(changed, preset_overrides(name)).train
+    assert {k: getattr(after, k) for k in RECIPE} == {k: getattr(fresh, k) for k in RECIPE}
+    assert fresh.weight_decay == 0.0 and fresh.momentum == 0.9
+
+
 def test_unknown_preset(params_file):
     from flows.overrides import preset_overrides
 
