@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from bit_core.record import INPUT_MEAN, INPUT_STD
+from bit_core.serving import to_rgb
 from bit_core.splits import Sample
 
 
@@ -52,7 +53,7 @@ class ImageListDataset(Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         with Image.open(self.root / self.samples[index].path) as handle:
-            image = handle.convert("RGB")
+            image = to_rgb(handle)
         if self._cache is not None:
             self._cache[index] = image
         return image

@@ -26,6 +26,16 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message names it and says why."""
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. Pillow's own conversion clips 16-bit grayscale (a 16-bit PNG or TIFF
+    opens as mode I;16, or I) at 255, which turns nearly every pixel white: those are scaled from
+    0..65535 to 0..255 first."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        pixels = np.rint(np.asarray(image, dtype=np.float64) / 257.0)
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def decode(data: bytes | str, name: str = "image") -> Image.Image:
     """An RGB image from encoded bytes (JPEG, PNG, ...) or their base64 text."""
     if isinstance(data, str):
@@ -35,7 +45,7 @@ def decode(data: bytes | str, name: str = "image") -> Image.Image:
             raise ImageError(f"{name}: not base64-encoded image bytes") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (UnidentifiedImageError, OSError) as err:
         reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"broken ({err})"
         raise ImageError(f"{name}: {reason}") from None
@@ -96,7 +106,7 @@ class ImageClassifier:
         """(3, H, W) float32: resized to the model's resolution (bilinear, as torchvision's Resize
         does for PIL images), scaled to [0, 1], normalised with the record's mean and std."""
         size = (self.resolution, self.resolution)
-        pixels = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR), np.float32)
+        pixels = np.asarray(to_rgb(image).resize(size, Image.BILINEAR), np.float32)
         return (pixels.transpose(2, 0, 1) / 255.0 - self.mean) / self.std
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:

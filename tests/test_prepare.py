@@ -168,3 +168,21 @@ def test_the_report_finds_leakage_and_dedupe_removes_it_from_train(tmp_path):
     assert [line.rsplit(",", 1)[1] for line in
             (report / "duplicates.csv").read_text().splitlines()[1:]] == [
         "removed from train", "", "removed from train", "removed from train", ""]
+
+
+def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    """A 16-bit grayscale PNG (Pillow's mode I;16) reaches training and `bit predict` as the same
+    picture at 8 bits, not clipped at 255 to nearly all white."""
+    from bit_core.data import ImageListDataset
+    from bit_core.serving import decode
+    from bit_core.splits import Sample
+
+    deep = (np.arange(32 * 48).reshape(32, 48) * 42).astype(np.uint16)  # 0 .. 64,470
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    expected = np.repeat(np.rint(deep / 257.0)[..., None], 3, axis=2)
+    trained = ImageListDataset(tmp_path, [Sample("deep.png", 0)])[0][0]
+    served = decode((tmp_path / "deep.png").read_bytes())
+    for image in (trained, served):
+        assert image.mode == "RGB"
+        assert np.abs(np.asarray(image, np.float64) - expected).max() <= 1
