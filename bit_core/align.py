@@ -37,7 +37,10 @@ def read_curve_csv(path: Path, column: str = "loss") -> Curve:
         rows = list(csv.DictReader(handle))
     if not rows or "step" not in rows[0] or column not in rows[0]:
         raise ValueError(f"{path} needs the columns step and {column}")
-    return {int(float(row["step"])): float(row[column]) for row in rows}
+    try:
+        return {int(float(row["step"])): float(row[column]) for row in rows}
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: step and {column} must be numbers on every row") from None
 
 
 def compare_curves(candidate: Curve, reference: Curve, *, mre_max: float = 0.05,

@@ -236,22 +236,31 @@ def _first_error(err: ValidationError, source: str) -> str:
     return redact(f"{source}: {key} = {value!r}: {msg}")
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raise ConfigError with a one-line message."""
+def load_params_text(path: str | Path = "params.yaml") -> object:
+    """params.yaml parsed but not yet validated; ConfigError with a one-line message when it is
+    missing, unreadable or not YAML."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not a YAML text file: give params.yaml") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: fix the syntax") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ConfigError with a one-line message."""
+    return parse_params(load_params_text(path), str(path))
 
 
 def parse_params(raw: object, source: str = "params.yaml") -> Params:
     """Validate already-parsed YAML; raise ConfigError naming `source` and the key."""
+    if raw is None:
+        raise ConfigError(f"{source} is empty: restore it (git checkout {source})")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:

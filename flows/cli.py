@@ -106,6 +106,8 @@ def run(set_: SetOption = None,
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides, preset_overrides
 
+    if not Path("dvc.yaml").is_file():
+        _fail("dvc.yaml not found: run from the repository root")
     stages = dag.stages() if until else []
     if until is not None and until not in stages:
         _fail(f"--until {until}: no such stage; choose from {', '.join(stages)}")
@@ -131,9 +133,26 @@ def run(set_: SetOption = None,
 def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|cpu|cuda|npu")
          ) -> None:
     """Run the bit-finetune Prefect flow here (a temporary local Prefect server if none is set)."""
-    from flows.pipeline import bit_finetune
+    import shutil
+    import tempfile
 
-    result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))
+    from bit_core.config import ConfigError
+    from flows.overrides import apply_overrides
+    from flows.pipeline import PreflightError, bit_finetune, check_tracking_server, run_changes
+
+    # Bad input fails here in one line, before a Prefect server starts and the flow run logs it.
+    with tempfile.TemporaryDirectory(prefix="bit-flow-") as scratch:
+        try:
+            if Path("params.yaml").is_file():
+                shutil.copy("params.yaml", Path(scratch) / "params.yaml")
+            apply_overrides(Path(scratch) / "params.yaml", run_changes(set_, device, None))
+            check_tracking_server(environment.tracking_uri())
+        except (ConfigError, PreflightError) as err:
+            _fail(str(err).replace(str(Path(scratch) / "params.yaml"), "params.yaml"))
+    try:
+        result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))
+    except (ConfigError, PreflightError) as err:
+        _fail(str(err))
     console.print_json(json.dumps(result))
 
 
@@ -142,14 +161,23 @@ def _curve(source: str) -> dict[int, float]:
     from bit_core.align import read_curve_csv
 
     if Path(source).is_file():
-        return read_curve_csv(Path(source))
+        try:
+            return read_curve_csv(Path(source))
+        except UnicodeDecodeError:
+            _fail(f"{source} is not a text file: give a loss CSV, as reports/train/loss.csv")
+        except ValueError as err:
+            _fail(f"{err} (as in reports/train/loss.csv)")
+    uri = environment.tracking_uri()
+    if Path(source).suffix or "/" in source or (store := environment.missing_store(uri)):
+        where = "no such file" if Path(source).suffix or "/" in source else \
+            f"there is no MLflow store here ({store})"
+        _fail(f"{source!r} is neither a CSV file nor an MLflow run id: {where}")
     from tasks import tracking
 
     tracking.configure()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = environment.tracking_uri()
     try:
         history = MlflowClient(uri).get_metric_history(source, "loss")
     except MlflowException:
@@ -176,9 +204,12 @@ def compare_loss(
         result = compare_curves(a, b, mre_max=mre, mae_max=mae)
     except ValueError as err:
         _fail(str(err))
-    plot_loss({"candidate": [{"step": s, "loss": v} for s, v in sorted(a.items())],
-               "reference": [{"step": s, "loss": v} for s, v in sorted(b.items())]}, plot,
-              title="Loss alignment")
+    try:
+        plot_loss({"candidate": [{"step": s, "loss": v} for s, v in sorted(a.items())],
+                   "reference": [{"step": s, "loss": v} for s, v in sorted(b.items())]}, plot,
+                  title="Loss alignment")
+    except OSError as err:
+        _fail(f"cannot write the plot {plot} ({err.strerror or err}): give --plot a .png path")
     verdict = "[green]PASS[/green]" if result.passed else "[red]FAIL[/red]"
     console.print(f"{verdict} over {result.steps} steps: MRE {result.mre:.4g} (<= {mre}) "
                   f"MAE {result.mae:.4g} (<= {mae}); plot: {plot}")
@@ -205,6 +236,9 @@ def predict(
         results = classify(open_model(model, params), paths, top_k)
     except (ConfigError, ContractError, ImageError) as err:
         _fail(str(err))
+    if not results:
+        _fail(f"no image files in {', '.join(map(str, paths))}: give image files, or folders "
+              "holding them (.jpg, .png, .webp, ...)")
     if as_json:
         console.print_json(json.dumps([{"path": r.path, "error": r.error,
                                         "classes": r.prediction and r.prediction.classes,
@@ -222,9 +256,17 @@ def predict(
 
 
 @app.command("ui")
-def ui(port: int = typer.Option(5000, help="port on 127.0.0.1")) -> None:
+def ui(port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1")) -> None:
     """Open the MLflow UI on the project's store (sqlite:///mlflow.db unless MLFLOW_TRACKING_URI)."""
+    import socket
+
     uri = environment.tracking_uri()
+    if uri.lower().startswith(("http://", "https://")):
+        _fail(f"MLFLOW_TRACKING_URI is a tracking server ({uri}): open its own UI at that "
+              "address, or unset it to browse this folder's mlflow.db")
+    with socket.socket() as probe:  # mlflow ui exits 0 when uvicorn cannot bind
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            _fail(f"port {port} on 127.0.0.1 is in use: choose another with --port")
     console.print(f"MLflow UI for {redact(uri)} on http://127.0.0.1:{port}")
     # one web worker: one person reads it (mlflow ui's default is four processes)
     command = [environment.tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",

@@ -40,7 +40,11 @@ def parse_override(text: str) -> tuple[list[str], object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not key=value (e.g. train.batch=64)")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: close its brackets "
+                          "or quotes, or quote it whole") from None
 
 
 def _flow(value):
@@ -60,7 +64,7 @@ def _flow(value):
 
 def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
     """Set each ``section.key=value`` in params.yaml; validate; write atomically; return params."""
-    from bit_core.config import load_params
+    from bit_core.config import load_params, load_params_text
 
     overrides = list(overrides)
     path = Path(path)
@@ -70,6 +74,7 @@ def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
     rt.preserve_quotes = True
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar(
         "tag:yaml.org,2002:null", "null"))  # `key: null`, as written by hand, not `key:`
+    load_params_text(path)  # one line when the file is missing or not YAML, as load_params says
     doc = rt.load(path.read_text())
     for text in overrides:
         keys, value = parse_override(text)

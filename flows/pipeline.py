@@ -432,7 +432,7 @@ def _summary(repo: Path) -> tuple[str, str | None]:
     return text, run_id
 
 
-def _changes(overrides: list[str] | None, device: str, processes: int | None,
+def run_changes(overrides: list[str] | None, device: str, processes: int | None,
              nodes: int | None = None) -> list[str]:
     """The run's overrides, with the device, process and node counts as params.yaml values."""
     changes = list(overrides or [])
@@ -554,7 +554,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         raise PreflightError(f"nodes={nodes} runs on several hosts, each in a workspace of its "
                              "own: start it from a deployment of prefect.yaml (shared runs)")
     commit = preflight(repo, nightly, shared)["commit"]
-    changes = _changes(overrides, device, processes, nodes)
+    changes = run_changes(overrides, device, processes, nodes)
     plan = node_runs.plan_nodes(changes, commit) if nodes and nodes > 1 else None
     if shared:
         prepare_workspace(repo)

@@ -64,5 +64,14 @@ def tracking_uri(root: str | Path = ".") -> str:
         f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def missing_store(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store that does not exist yet (MLflow would create it on
+    first use); None for an existing file or any other kind of store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = Path(uri.removeprefix("sqlite:///"))
+    return None if path.exists() else path
+
+
 if __name__ == "__main__":
     print("\n".join(f"export {key}={shlex.quote(value)}" for key, value in TOOL_ENV.items()))

@@ -92,8 +92,11 @@ def _registered(name: str, spec: str, into: Path) -> tuple[Path, Path | None, di
 
     from tasks import environment, tracking
 
-    tracking.configure()
     uri = f"models:/{name}@{spec}" if not spec.isdigit() else f"models:/{name}/{spec}"
+    if (store := environment.missing_store(environment.tracking_uri())) is not None:
+        raise ConfigError(f"no model {uri}: there is no MLflow store here ({store}): run the "
+                          "pipeline here first, or give an .onnx/.pt file")
+    tracking.configure()
     try:
         client = mlflow.MlflowClient()
         version = client.get_model_version(name, spec) if spec.isdigit() else \
@@ -124,8 +127,16 @@ def open_model(spec: str, params: Params | None) -> ImageClassifier:
         if not path.is_file():
             raise ConfigError(f"model file {path} does not exist: give an exported .onnx or a "
                               "fine-tuned checkpoint.pt")
-        return exported_classifier(path) if path.suffix == ".onnx" else \
-            checkpoint_classifier(path)
+        try:
+            return exported_classifier(path) if path.suffix == ".onnx" else \
+                checkpoint_classifier(path)
+        except ImageError:
+            raise  # an ONNX file without the export's model record: its own message
+        except Exception as err:  # noqa: BLE001 (whatever ONNX Runtime or torch.load refuses)
+            kind = "an exported ONNX model" if path.suffix == ".onnx" else "a fine-tuned checkpoint"
+            raise ConfigError(f"model file {path} is not {kind} this pipeline can read "
+                              f"({type(err).__name__}): give models/onnx/model.onnx or "
+                              "models/finetuned/checkpoint.pt") from None
     if spec in (CHAMPION, CHALLENGER) or spec.isdigit():
         name = (params.registry if params else RegistryConfig()).model_name
         # The classifier holds the model in memory once built, so a download from a remote

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import urllib.request
 
+import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -64,7 +65,8 @@ def test_fetch_weights_error_is_one_redacted_line(tmp_path):
 
 
 def test_run_refuses_bad_override_without_touching_params(tmp_path, repo_root, monkeypatch):
-    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(repo_root / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
     before = (tmp_path / "params.yaml").read_text()
     result = runner.invoke(app, ["run", "-S", "train.batch=lots"])
@@ -87,6 +89,103 @@ def test_compare_loss_pass_and_fail(tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     result = runner.invoke(app, ["compare-loss", off, ref, "--plot", str(plot)])
     assert result.exit_code == 1 and "FAIL" in result.output and "MRE 0.2" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-S", "train.batch=8"], "dvc.yaml not found: run from the repository root"),
+    (["--until", "finetune"], "dvc.yaml not found: run from the repository root"),
+])
+def test_run_outside_a_project_is_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "'missing.csv' is neither a CSV file nor an MLflow run id: no such file"),
+    ({"a.csv": "x,y\n1,2\n"}, "a.csv needs the columns step and loss"),
+    ({"a.csv": "step,loss\n1,abc\n"}, "a.csv: step and loss must be numbers on every row"),
+    ({"a.csv": "step,loss\n1,2.0\n", "plot": None}, "cannot write the plot"),
+])
+def test_compare_loss_input_errors_are_one_line(tmp_path, monkeypatch, files, message):
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).mkdir() if text is None else (tmp_path / name).write_text(text)
+    first = "a.csv" if "a.csv" in files else "missing.csv"
+    result = runner.invoke(app, ["compare-loss", first, first, "--plot", "plot"])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_compare_loss_of_a_run_without_a_store_creates_none(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, ["compare-loss", "0a1b2c", "3d4e5f"])
+    assert result.exit_code == 2 and "there is no MLflow store here" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "bad.onnx"], "model file bad.onnx is not an exported ONNX model this pipeline "
+                              "can read (InvalidProtobuf)"),
+    (["--model", "bad.pt"], "model file bad.pt is not a fine-tuned checkpoint"),
+    (["--model", "tiny.onnx", "--top-k", "1", "empty"], "no image files in empty: give image "
+                                                         "files, or folders holding them"),
+    ([], "no model models:/bit-classifier@champion: there is no MLflow store here"),
+])
+def test_bit_predict_input_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "bad.onnx").write_bytes(b"garbage")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    tiny_onnx(tmp_path / "tiny.onnx")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/notes.txt").write_text("no image here")
+    Image.new("RGB", (8, 8)).save(tmp_path / "black.png")
+    before = sorted(tmp_path.iterdir())
+    images = ["empty"] if "empty" in args else ["black.png"]
+    result = runner.invoke(app, ["predict", *[a for a in args if a != "empty"], *images])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and sorted(tmp_path.iterdir()) == before
+
+
+def test_ui_refuses_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = runner.invoke(app, ["ui", "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 2 and "is in use: choose another with --port" in result.output
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://ci:hunter2@127.0.0.1:5999")
+    result = runner.invoke(app, ["ui"])
+    assert result.exit_code == 2 and "open its own UI at that address" in result.output
+    assert "hunter2" not in result.output
+    assert runner.invoke(app, ["ui", "--port", "99999"]).exit_code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-S", "train.nosuch=1"], "params.yaml: unknown key 'train.nosuch'"),
+    (["--device", "gpu"], "params.yaml: train.device = 'gpu'"),
+    (["-S", "train.batch=[1,"], "the value is not valid YAML"),
+])
+def test_flow_input_errors_are_one_line_before_any_server(tmp_path, repo_root, monkeypatch,
+                                                          args, message):
+    import time
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    before = (tmp_path / "params.yaml").read_text()
+    start = time.perf_counter()
+    result = runner.invoke(app, ["flow", *args])
+    assert result.exit_code == 2 and message in result.output
+    assert result.output.count("\n") == 1 and time.perf_counter() - start < 10
+    assert (tmp_path / "params.yaml").read_text() == before
 
 
 def test_ui_serves_the_project_store_with_one_web_worker(tmp_path):

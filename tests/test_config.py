@@ -69,6 +69,22 @@ def test_broken_yaml(params_file):
     params_file.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_params(params_file)
+    with pytest.raises(ConfigError, match="not valid YAML at line"):  # an override reads it too
+        apply_overrides(params_file, ["train.batch=8"])
+    assert params_file.read_text() == "train: [unclosed\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty: restore it"),
+    (None, "is not a YAML text file: give params.yaml"),
+    (b"\xff\xfe\x00binary", "is not a YAML text file: give params.yaml"),
+])
+def test_a_params_file_that_is_no_yaml_is_one_line(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.mkdir() if content is None else \
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        load_params(path)
 
 
 def test_overrides_keep_comments_and_validate(params_file):
@@ -96,6 +112,7 @@ def test_overrides_write_the_file_as_a_person_would(params_file):
     ("train.batch=abc", "train.batch = 'abc'"),
     ("nosection.key=1", "no section 'nosection'"),
     ("train.batch", "not key=value"),
+    ("train.batch=[1,", "the value is not valid YAML: close its brackets"),
 ])
 def test_bad_override_leaves_file_untouched(params_file, override, message):
     before = params_file.read_text()
