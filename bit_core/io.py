@@ -91,7 +91,10 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 def link_or_copy(source: str | Path, dest: str | Path) -> None:
     """Hard-link `source` to `dest` when both are on one file system (no copy of a file that
-    may be gigabytes), else copy it."""
+    may be gigabytes), else copy it. A symbolic link is resolved first: the file it points to
+    is linked or copied, not the link (Linux's link() would copy a relative link as it is,
+    which then points nowhere from `dest`)."""
+    source = os.path.realpath(source)
     try:
         os.link(source, dest)
     except OSError:

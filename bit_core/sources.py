@@ -45,9 +45,20 @@ def is_image(path: Path) -> bool:
 
 def images_in(folder: Path) -> Iterator[Path]:
     """The images under `folder`, at any depth, in sorted order; hidden files and folders (such
-    as ``._photo.jpg`` or ``.ipynb_checkpoints/``) are skipped."""
+    as ``._photo.jpg`` or ``.ipynb_checkpoints/``) are skipped. Linked folders are followed,
+    except one that leads back to a folder it is in, or above it (a loop, which would add the
+    same images again and again under longer paths, or another class's under this one)."""
+    lineage: dict[str, frozenset[str]] = {}  # each folder: the real paths from `folder` to it
+
+    def loops(real: str, parent: str) -> bool:
+        return any(seen == real or seen.startswith(real.rstrip(os.sep) + os.sep)
+                   for seen in lineage[parent])
+
     for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        lineage[parent] = lineage.get(os.path.dirname(parent), frozenset()) | {
+            os.path.realpath(parent)}
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not loops(os.path.realpath(os.path.join(parent, d)), parent))
         yield from (Path(parent) / name for name in sorted(files) if is_image(Path(parent) / name))
 
 
@@ -121,6 +132,9 @@ def _link_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> in
     for name in classes:
         found = 0
         for path in images_in(folder / name):
+            if not path.exists():
+                raise DataError(f"{path} is a link to {os.readlink(path)}, which does not exist: "
+                                "fix the link or remove it")
             dest = tmp / path.relative_to(root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             link_or_copy(path, dest)

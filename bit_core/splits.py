@@ -33,20 +33,26 @@ class Sample:
 
 
 def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
-    """Images under class sub-folders of `root`, sorted; the class names in index order."""
-    # imported here: torchvision brings torch with it, which stages that only read the split
-    # files (register's fingerprint) do without
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """Images under class sub-folders of `root`, sorted; the class names in index order. What
+    counts as an image is what the imagefolder source takes (:func:`bit_core.sources.images_in`):
+    hidden files and folders, such as an archive's ``._photo.jpg``, are not."""
+    # imported here: torchvision (for its list of image suffixes) brings torch with it, which
+    # stages that only read the split files (register's fingerprint) do without
+    from bit_core.sources import images_in
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist: create it or fix data.folder")
-    try:
-        classes, class_to_idx = find_classes(str(root))
-        found = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:
-        raise DataError(f"{root}: {err}: it needs one sub-folder of images per class") from None
-    samples = [Sample(os.path.relpath(path, root), label) for path, label in found]
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root} has no class folders: it needs one sub-folder of images per "
+                        "class")
+    samples = [Sample(os.path.relpath(path, root), label)
+               for label, name in enumerate(classes) for path in images_in(root / name)]
+    empty = sorted(set(classes) - {classes[s.label] for s in samples})
+    if empty:
+        raise DataError(f"{root}: the class folder(s) {', '.join(empty[:3])} hold no images: "
+                        "it needs one sub-folder of images per class")
     return samples, classes
 
 

@@ -186,3 +186,18 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     for image in (trained, served):
         assert image.mode == "RGB"
         assert np.abs(np.asarray(image, np.float64) - expected).max() <= 1
+
+
+def test_hidden_files_in_a_fetched_root_are_not_images(tmp_path):
+    """An archive's ``._photo.png`` (macOS metadata) and ``.ipynb_checkpoints/`` copies are not
+    images of the data set, whichever source brought them into data/raw."""
+    raw = tmp_path / "raw"
+    _images(raw, ["daisy", "roses"], 4)
+    (raw / "daisy" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (raw / "roses" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(raw / "roses" / "0.png", raw / "roses" / ".ipynb_checkpoints" / "0-ckpt.png")
+    (raw / ".cache").mkdir()  # a hidden folder is no class either
+    stats = prepare(DataConfig(val_fraction=0.25, test_fraction=0.25), raw, tmp_path / "out",
+                    tmp_path / "report")
+    assert stats["train_images"] + stats["val_images"] + stats["test_images"] == 8
+    assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["daisy", "roses"]

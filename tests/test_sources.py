@@ -349,6 +349,35 @@ def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
     assert (out / "cat" / "a.png").is_file()
 
 
+def test_image_folder_links_are_followed_to_their_files_but_not_round_loops(
+        tmp_path: Path) -> None:
+    """A class folder or an image that is a relative link is snapshotted as the file it points
+    to (a link copied as it is would point nowhere from data/raw), and a link back to a folder
+    above it is not walked round and round (each turn would add the same images again, under
+    the wrong class)."""
+    src, pool = tmp_path / "photos", tmp_path / "pool"
+    _tree(pool, ["dog/b.png", "dog/d.png", "bird/e.png"])
+    _tree(src, ["cat/a.png"])
+    (src / "dog").symlink_to("../pool/dog")
+    (src / "cat" / "c.png").symlink_to("../../pool/bird/e.png")
+    (src / "cat" / "up").symlink_to("..")
+    out = tmp_path / "data" / "raw"
+
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 4
+
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    assert files == ["cat", "cat/a.png", "cat/c.png", "dog", "dog/b.png", "dog/d.png"]
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert (out / "cat/c.png").read_bytes() == (pool / "bird/e.png").read_bytes()
+    _no_leftovers(out.parent)
+
+    (src / "cat" / "gone.png").symlink_to("nowhere.png")
+    with pytest.raises(DataError, match=r"gone.png is a link to nowhere.png, which does not "
+                                        r"exist: fix the link or remove it"):
+        fetch(DataConfig(source="imagefolder", folder=str(src)), out)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == files
+
+
 # --- image folders already split -------------------------------------------------------------------
 
 def _tree(root: Path, paths: list[str]) -> Path:
