@@ -77,16 +77,16 @@ def split_folders(folder: Path) -> dict[str, str] | None:
 
     The given ``test/`` is the test split, or ``val/`` when there is no ``test/`` (as ImageNet's
     validation set is); a ``val/`` beside ``test/`` is the validation split. Folders with these
-    names that hold images and no sub-folders are class folders.
+    names are class folders when none of them holds sub-folders (CIFAR-100's classes
+    include `train`).
 
     Raises:
         DataError: split and class folders are mixed, or train/ or a held-out folder is missing.
     """
     names = [p.name for p in _subfolders(folder)]
     given = [name for name in SPLITS if name in names]
-    if not given or (len(given) == len(names)
-                     and not any(_subfolders(folder / name) for name in given)):
-        return None
+    if not any(_subfolders(folder / name) for name in given):
+        return None  # no split folder of class folders: train/, val/ or test/ are classes
     others = [name for name in names if name not in given]
     if others:
         raise DataError(f"{folder} mixes split folders ({', '.join(given)}) and class folders "

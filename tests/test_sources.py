@@ -418,13 +418,17 @@ def test_a_folder_with_val_and_test_gives_both(tmp_path: Path) -> None:
     assert read_split_marker(out)["splits"] == {"train": "train", "val": "val", "test": "test"}
 
 
-def test_class_folders_named_like_splits_stay_classes(tmp_path: Path) -> None:
-    src = _tree(tmp_path / "photos", ["train/a.png", "test/b.png"])
+@pytest.mark.parametrize("paths", [
+    ["train/a.png", "test/b.png"],
+    ["bus/a.png", "car/b.png", "train/c.png"],  # CIFAR-100's vehicles, exported as folders
+])
+def test_class_folders_named_like_splits_stay_classes(tmp_path: Path, paths: list[str]) -> None:
+    src = _tree(tmp_path / "photos", paths)
     out = tmp_path / "raw"
 
-    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == 2
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == len(paths)
     assert read_split_marker(out) is None
-    assert sorted(p.name for p in out.iterdir()) == ["test", "train"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.split("/")[0] for p in paths)
 
 
 SPLIT = ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png", "val/dog/d.png"]
