@@ -106,6 +106,8 @@ def _extract_train(archive: Path, train: Path, wnids: Sequence[str]) -> None:
     The inner tars are read from the outer one directly, so the disk holds each image once.
     """
     expected = set(wnids)
+    for leftover in train.glob(".*"):  # a class a stopped run was extracting: extracted again
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:") as outer:
             for member in outer:

@@ -49,6 +49,12 @@ def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
                         "class")
     samples = [Sample(os.path.relpath(path, root), label)
                for label, name in enumerate(classes) for path in images_in(root / name)]
+    for name in (*classes, *(s.path for s in samples)):
+        try:
+            name.encode("utf-8")  # split files and classes.json are UTF-8
+        except UnicodeEncodeError:
+            raise DataError(f"{root}: the name {os.fsencode(name)!r} is not UTF-8 text: rename "
+                            "it (convmv renames a whole folder from another encoding)") from None
     empty = sorted(set(classes) - {classes[s.label] for s in samples})
     if empty:
         raise DataError(f"{root}: the class folder(s) {', '.join(empty[:3])} hold no images: "

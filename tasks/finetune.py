@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     if cfg is not None and cfg.nodes * cfg.processes > 1 \
             and not distributed.launched_by_torchrun():
         return relaunch_with_torchrun(cfg, argv)
-    return stage_main("finetune", _args, _run, argv)
+    return stage_main("finetune", _args, _run, argv, sigterm_cleans_up=False)
 
 
 def _train_settings() -> TrainConfig | None:

@@ -59,6 +59,11 @@ def prepare(cfg: DataConfig, raw: Path, out: Path, report: Path) -> dict:
     if not splits["train"]:
         raise DataError(f"no training images are left of {raw}: lower data.val_fraction or "
                         "data.test_fraction, or add images")
+    untrained = sorted(set(data.classes) - {data.classes[s.label] for s in splits["train"]})
+    if untrained:  # unreadable images left out, or data.dedupe, took all of a class's
+        more = f" (and {len(untrained) - 1} more)" if len(untrained) > 1 else ""
+        raise DataError(f"class {untrained[0]!r}{more} has no training image left of {raw}: "
+                        "add readable images of it, or remove its folder")
     metrics = write_report(report, DataReport(data.classes, splits, tuple(data.given), table,
                                               groups, removed, cfg.shots))
     stats = {"classes": len(data.classes), "image_height": metrics.height_median,

@@ -60,3 +60,39 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporaries(tmp_path: Path):
         raise Boom
     assert target.read_text() == '{\n  "a": 1\n}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]
+
+
+def test_a_stage_stopped_by_sigterm_removes_what_it_was_writing(tmp_path: Path, repo_root):
+    """SIGTERM (how a flow or a scheduler stops a stage) ends a stage as Ctrl-C does: one line,
+    exit 143, and the half-written output's temporary folder removed, not left beside it."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from bit_core.io import atomic_dir\n"
+        "from tasks.common import stage_main\n"
+        "def run(args, params):\n"
+        "    with atomic_dir(args.out) as tmp:\n"
+        "        (tmp / 'half.txt').write_text('half')\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(120)\n"
+        "sys.exit(stage_main('demo', lambda p: p.add_argument('--out', type=Path), run,\n"
+        "                    ['--out', sys.argv[1]]))\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    stage = subprocess.Popen([sys.executable, "-c", script, str(work / "out")], cwd=repo_root,
+                             env={**os.environ, "BIT_PARAMS": str(repo_root / "params.yaml")},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stage.stdout.readline() == "writing\n"
+        stage.send_signal(signal.SIGTERM)
+        _, err = stage.communicate(timeout=30)
+    finally:
+        stage.kill()
+        stage.wait()
+    assert stage.returncode == 143
+    assert err == "error: demo: stopped by SIGTERM; nothing half-written is left: run it again\n"
+    assert list(work.iterdir()) == []

@@ -4,6 +4,7 @@ images, and the data report (counts, sizes, exact duplicates and leakage)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -201,3 +202,25 @@ def test_hidden_files_in_a_fetched_root_are_not_images(tmp_path):
                     tmp_path / "report")
     assert stats["train_images"] + stats["val_images"] + stats["test_images"] == 8
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == ["daisy", "roses"]
+
+
+def test_a_class_left_without_training_images_is_refused(tmp_path):
+    """Skipping unreadable images (or data.dedupe) can empty a class of training images while
+    it stays a class: the model could never learn it, so prepare stops and names it."""
+    raw = tmp_path / "raw"
+    _images(raw, ["bus", "car", "tram"], 4)
+    for i in range(4):
+        (raw / "car" / f"{i}.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"class 'car' has no training image left of .*raw: add "
+                                        r"readable images of it, or remove its folder"):
+        prepare(DataConfig(unreadable="skip"), raw, tmp_path / "out", tmp_path / "report")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    raw = tmp_path / "raw"
+    _images(raw, ["a", "b"], 4)
+    shutil.copy(raw / "a" / "0.png", os.fsencode(raw / "a") + b"/caf\xe9.png")  # Latin-1 é
+    with pytest.raises(DataError, match=r"the name b'a/caf\\xe9.png' is not UTF-8 text: rename"):
+        prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
+    assert not (tmp_path / "out").exists()

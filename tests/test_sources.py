@@ -299,6 +299,35 @@ def test_imagenet_class_folders_and_no_work_the_second_time(tmp_path: Path) -> N
     assert (out.stat().st_ino, (out / "split.json").stat().st_mtime_ns) == before
 
 
+def test_imagenet_resumes_without_the_class_a_stopped_run_was_extracting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped mid-class (SIGKILL, no clean-up) leaves that class's temporary folder in
+    the work folder; the next run extracts the class again and the folder is gone, not carried
+    into data/raw as a hidden class nor counted in the split marker."""
+    import bit_core.imagenet as imagenet
+
+    archives, out = tmp_path / "ilsvrc", tmp_path / "data" / "raw"
+    md5s = _imagenet(archives)
+    real = imagenet.safe_extract
+
+    def stopped(name, dest, fileobj=None):
+        if Path(dest).name == WNIDS[1]:  # the second class: half-written, as a kill leaves it
+            left = Path(dest).parent / f".{WNIDS[1]}.x1y2z3"
+            left.mkdir()
+            (left / f"{WNIDS[1]}_1.JPEG").write_bytes(b"half")
+            raise KeyboardInterrupt
+        return real(name, dest, fileobj)
+
+    monkeypatch.setattr(imagenet, "safe_extract", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        materialize_imagenet(archives, out, checksums=md5s)
+    monkeypatch.setattr(imagenet, "safe_extract", real)
+    assert materialize_imagenet(archives, out, checksums=md5s) == 11
+    assert read_split_marker(out)["images"] == {"train": 6, "test": 5}
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(WNIDS)
+    _no_leftovers(out.parent)
+
+
 def test_imagenet_missing_archive_says_where_to_get_it(tmp_path: Path) -> None:
     archives = tmp_path / "ilsvrc"
     _imagenet(archives)
