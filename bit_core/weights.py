@@ -71,6 +71,11 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist: run `bit fetch-weights` or set "
                            "weights.path in params.yaml")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would take it for a pickle
+        raise WeightsError(f"{path} is not an .npz file (not a zip archive): delete it and "
+                           "download the official checkpoint again")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}

@@ -77,10 +77,15 @@ def fetch_weights(
     from bit_core.io import file_digest
     from bit_core.weights import WeightsError, fetch_official
 
+    if url is not None and not url.lower().startswith(("http://", "https://")):
+        _fail(f"--url {url}: give an http(s) mirror; for a file on this machine set "
+              "weights.source: file and weights.path in params.yaml")
     try:
         path = fetch_official(name, cache_dir, url=url)
     except (DownloadError, WeightsError, ValueError) as err:
         _fail(str(err))
+    except OSError as err:
+        _fail(f"cannot use --cache-dir {cache_dir} ({err.strerror or err}): give a folder")
     console.print(f"{path}  sha256={file_digest(path)}")
 
 

@@ -64,6 +64,20 @@ def test_fetch_weights_error_is_one_redacted_line(tmp_path):
     assert "hunter2" not in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--url", "/tmp/BiT-M-R50x1.npz"], "give an http(s) mirror; for a file on this machine set "
+                                        "weights.source: file"),
+    (["--cache-dir", "cache-file"], "cannot use --cache-dir cache-file"),
+])
+def test_fetch_weights_input_errors_are_one_line(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache-file").write_text("a file, not a folder")
+    url = [] if "--url" in args else ["--url", f"http://127.0.0.1:{free_port()}/w.npz"]
+    result = runner.invoke(app, ["fetch-weights", "BiT-M-R50x1", *args, *url])
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output
+
+
 def test_run_refuses_bad_override_without_touching_params(tmp_path, repo_root, monkeypatch):
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy(repo_root / name, tmp_path / name)

@@ -105,6 +105,15 @@ def test_pickled_object_array_refused(official, tmp_path):
         read_npz(bad)
 
 
+def test_a_file_that_is_no_npz_is_named_so(tmp_path):
+    """Not a zip at all (an HTML error page saved as .npz, say): numpy would call it a pickle."""
+    bad = tmp_path / "BiT-M-R50x1.npz"
+    bad.write_text("<html>403 Forbidden</html>")
+    with pytest.raises(WeightsError, match=r"is not an .npz file \(not a zip archive\): delete "
+                                           r"it and download the official checkpoint again"):
+        read_npz(bad)
+
+
 def test_truncated_file(official, tmp_path):
     data = official[0].read_bytes()
     bad = tmp_path / "truncated.npz"
