@@ -20,6 +20,7 @@ goes through :func:`bit_core.redact.redact`.
 from __future__ import annotations
 
 import base64
+import fcntl
 import http.client
 import netrc
 import os
@@ -123,7 +124,8 @@ def download(
     deleted and downloaded again.
 
     When the download fails for good, the ``.part`` file is kept so that the next call resumes
-    it, except after a checksum mismatch, which deletes it.
+    it, except after a checksum mismatch, which deletes it. Processes downloading the same
+    ``dest`` take turns (a lock on ``dest.name + ".lock"``): the later ones find it done.
 
     Args:
         url: ``http://`` or ``https://`` URL; local paths and ``file://`` URLs are the caller's
@@ -160,23 +162,28 @@ def download(
     expected = _expected_digests(sha256=sha256, md5=md5)
     dest = Path(dest)
 
-    if dest.exists():
-        if not expected or _mismatch(dest, expected) is None:
-            return dest
-        dest.unlink()
+    if dest.exists() and (not expected or _mismatch(dest, expected) is None):
+        return dest
     request_url, auth = _credentials(url, mirror=mirror)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
-    columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
-        task = bar.add_task(redact(what or dest.name), total=None)
-        _fetch_with_retries(url, request_url, auth, dest, part, timeout=timeout, retries=retries,
-                            bar=bar, task=task)
-
-    _verify(part, expected, url, dest)
-    os.replace(part, dest)
+    # One download of `dest` at a time (two experiments on one host share the cache): the
+    # others wait here, then find it done.
+    with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if dest.exists():
+            if not expected or _mismatch(dest, expected) is None:
+                return dest
+            dest.unlink()
+        columns = (TextColumn("{task.description}", markup=False), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
+            task = bar.add_task(redact(what or dest.name), total=None)
+            _fetch_with_retries(url, request_url, auth, dest, part, timeout=timeout,
+                                retries=retries, bar=bar, task=task)
+        _verify(part, expected, url, dest)
+        os.replace(part, dest)
     return dest
 
 

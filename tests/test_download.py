@@ -374,3 +374,31 @@ def test_redirect_keeps_the_credentials_on_the_same_host_only(http_server: Archi
     assert http_server.authorizations(PATH) == [auth]
     assert http_server.authorizations("/moved") == [auth]
     assert http_server.authorizations("/other.npz") == [None]
+
+
+def test_two_downloads_of_one_file_take_turns(http_server: ArchiveServer, dest: Path) -> None:
+    """Two experiments on one host fetching the same archive into the shared cache: one
+    downloads, the other waits and finds it done (they wrote into one .part file before, and
+    both failed)."""
+    import threading
+
+    payload = random.Random(7).randbytes(24 << 20)
+    url = http_server.add("/big.bin", payload)
+    start, results = threading.Barrier(2), []
+
+    def fetch() -> None:
+        start.wait()
+        try:
+            results.append(download(url, dest, sha256=hashlib.sha256(payload).hexdigest(),
+                                    progress=False))
+        except Exception as err:  # noqa: BLE001 (reported by the assertion below)
+            results.append(err)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert results == [dest, dest]
+    assert dest.read_bytes() == payload and len(http_server.requests_for("/big.bin")) == 1
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, dest.name + ".lock"]
