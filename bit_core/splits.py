@@ -139,23 +139,27 @@ def stratified_split(labels: Sequence[int], val_fraction: float, test_fraction: 
     return {name: np.sort(np.concatenate(chunks)) for name, chunks in parts.items()}
 
 
-def few_shot(indices: np.ndarray, labels: Sequence[int], shots: int, seed: int) -> np.ndarray:
-    """k examples per class out of `indices`, chosen by a seeded generator (same on any machine)."""
+def few_shot(indices: np.ndarray, labels: Sequence[int], shots: int, seed: int,
+             classes: Sequence[str] | None = None) -> np.ndarray:
+    """k examples per class out of `indices`, chosen by a seeded generator (same on any machine);
+    `classes` names the labels in errors."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     chosen = []
     for label in np.unique(labels[indices]):
         members = indices[labels[indices] == label]
         if len(members) < shots:
-            raise DataError(f"class {label} has {len(members)} training images, fewer than "
+            name = repr(classes[label]) if classes else label
+            raise DataError(f"class {name} has {len(members)} training images, fewer than "
                             f"shots={shots}: lower data.shots")
         chosen.append(rng.choice(members, size=shots, replace=False))
     return np.sort(np.concatenate(chosen))
 
 
-def few_shot_samples(train: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+def few_shot_samples(train: Sequence[Sample], shots: int, seed: int,
+                     classes: Sequence[str] | None = None) -> list[Sample]:
     """:func:`few_shot` of a list of samples: k of each class, the same on every machine."""
-    chosen = few_shot(np.arange(len(train)), [s.label for s in train], shots, seed)
+    chosen = few_shot(np.arange(len(train)), [s.label for s in train], shots, seed, classes)
     return [train[i] for i in chosen]
 
 

@@ -55,7 +55,7 @@ def prepare(cfg: DataConfig, raw: Path, out: Path, report: Path) -> dict:
     removed = leaked["val"] | leaked["test"] if cfg.dedupe else set()
     splits["train"] = [s for s in splits["train"] if s.path not in removed]
     if cfg.shots:
-        splits["train"] = few_shot_samples(splits["train"], cfg.shots, cfg.seed)
+        splits["train"] = few_shot_samples(splits["train"], cfg.shots, cfg.seed, data.classes)
     if not splits["train"]:
         raise DataError(f"no training images are left of {raw}: lower data.val_fraction or "
                         "data.test_fraction, or add images")

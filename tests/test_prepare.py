@@ -85,6 +85,8 @@ def test_few_shot_too_many_shots():
     labels = np.repeat(np.arange(2), 3)
     with pytest.raises(DataError, match="fewer than shots=5"):
         few_shot(np.arange(6), labels, 5, seed=0)
+    with pytest.raises(DataError, match="class 'bus' has 3 training images, fewer than shots=5"):
+        few_shot(np.arange(6), labels, 5, seed=0, classes=["bus", "car"])
 
 
 def _metrics(report) -> DataMetrics:
