@@ -14,7 +14,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
-# The tools' telemetry is switched off by the project's own entry points (tasks/environment.py).
+# The tools' telemetry is switched off by the project's own entry points (tasks/environment.py),
+# and by the import check below (ONNX Runtime's starts at import).
 
 .PHONY: help setup pipeline test test-all ui bench clean-venv
 
@@ -27,7 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "installing into $(VENV) (first time: a few minutes)"
 	@$(BIN)/python -m pip install -q --upgrade 'pip>=24' $(PIP_QUIET)
 	@$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]' $(PIP_QUIET)
-	@$(BIN)/python -c 'import bit_core, torch, torchvision, dvc, prefect, mlflow, onnxruntime'
+	@$(BIN)/python -c 'from tasks import environment; environment.apply(); \
+		import bit_core, torch, torchvision, dvc, prefect, mlflow, onnxruntime'
 	@touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with the pinned dependencies
