@@ -143,7 +143,9 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
 
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides
-    from flows.pipeline import PreflightError, bit_finetune, check_tracking_server, run_changes
+    from flows.pipeline import (PreflightError, StageError, bit_finetune, check_tracking_server,
+                                run_changes)
+    from flows.workspace import WorkspaceError
 
     # Bad input fails here in one line, before a Prefect server starts and the flow run logs it.
     with tempfile.TemporaryDirectory(prefix="bit-flow-") as scratch:
@@ -156,7 +158,7 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
             _fail(str(err).replace(str(Path(scratch) / "params.yaml"), "params.yaml"))
     try:
         result = bit_finetune(overrides=set_ or [], device=device, repo=str(Path.cwd()))
-    except (ConfigError, PreflightError) as err:
+    except (ConfigError, PreflightError, StageError, WorkspaceError) as err:
         _fail(str(err))
     console.print_json(json.dumps(result))
 

@@ -84,6 +84,10 @@ class PreflightError(RuntimeError):
     """Something the flow needs is missing; raised before any stage runs."""
 
 
+class StageError(RuntimeError):
+    """A stage's command failed; the message is the stage's own error line when it gave one."""
+
+
 def training_tag(device: str) -> str:
     """The tag of the fine-tune task: one name per accelerator pool (bit-gpu-training, ...)."""
     return f"{POOLS.get(device, f'bit-{device}')}-training"
@@ -294,9 +298,11 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
     with workspace.checkpoints_kept(repo, sharing, kept) if kept else nullcontext():
         code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
                            *pull, stage, env=env)
-        if code != 0:
-            errors = [line for line in output.splitlines() if "error" in line.lower()]
-            raise RuntimeError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
+        if code != 0:  # the stage's own one-line error (stage_main's), else DVC's
+            lines = output.splitlines()
+            own = [line.removeprefix("error: ") for line in lines if line.startswith("error:")]
+            errors = own or [line for line in lines if "error" in line.lower()]
+            raise StageError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
     if sharing and changed:
         workspace.share_run(repo, stage, sharing)
     return {"stage": stage, "ran": changed and not restored, "restored": restored}

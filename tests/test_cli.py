@@ -166,6 +166,28 @@ def test_bit_predict_input_errors_are_one_line(tmp_path, monkeypatch, args, mess
     assert "Traceback" not in result.output and sorted(tmp_path.iterdir()) == before
 
 
+def test_flow_names_the_failed_stages_own_error_in_one_line(tmp_path, repo_root, monkeypatch):
+    """A stage that fails with its one-line error: `bit flow` ends with that line (not DVC's
+    closing "failed to reproduce" line, nor a traceback) and exit 2."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "fail.py").write_text(
+        "import sys\nprint('error: evaluate: the test split is empty: lower data.shots',"
+        " file=sys.stderr)\nsys.exit(2)\n")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: python fail.py\n")
+    subprocess.run([str(BIN / "dvc"), "init", "-q", "--no-scm"], cwd=tmp_path, check=True,
+                   env=environment.tool_env())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with prefect_test_harness(server_startup_timeout=120):
+        result = runner.invoke(app, ["flow"])
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == ("error: stage evaluate failed: evaluate: the test "
+                                              "split is empty: lower data.shots")
+    assert "Traceback" not in result.output.splitlines()[-1]
+
+
 def test_ui_refuses_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
     import socket
 

@@ -349,7 +349,7 @@ def test_a_third_clone_lists_and_reproduces_the_experiments(cluster, tracked):
     subprocess.run(["git", "clone", "-q", f"file://{cluster.origin}", str(third)], check=True)
     env = cluster.env()
     _dvc(third, env, "remote", "add", "--local", "--default", "bit", REMOTE)
-    listed = _dvc(third, env, "exp", "list", "origin", "--name-only").split()
+    listed = _dvc(third, env, "exp", "list", "-A", "origin", "--name-only").split()
     assert {runs["a"][0], runs["b"][0]} <= set(listed)
     name = runs["a"][0]
     _dvc(third, env, "exp", "pull", "origin", name)
