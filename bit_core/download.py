@@ -124,8 +124,8 @@ def download(
     deleted and downloaded again.
 
     When the download fails for good, the ``.part`` file is kept so that the next call resumes
-    it, except after a checksum mismatch, which deletes it. Processes downloading the same
-    ``dest`` take turns (a lock on ``dest.name + ".lock"``): the later ones find it done.
+    it, except after a checksum mismatch, which deletes it. Processes downloading into the same
+    folder take turns (a lock on the folder): one that wanted the same file then finds it done.
 
     Args:
         url: ``http://`` or ``https://`` URL; local paths and ``file://`` URLs are the caller's
@@ -168,9 +168,11 @@ def download(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
 
-    # One download of `dest` at a time (two experiments on one host share the cache): the
-    # others wait here, then find it done.
-    with open(dest.with_name(dest.name + ".lock"), "a") as lock:
+    # One download into a folder at a time (two experiments on one host share the cache): the
+    # others wait here, then find their file done. The lock is the folder's own, so it leaves
+    # no file behind.
+    lock = os.open(dest.parent, os.O_RDONLY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if dest.exists():
             if not expected or _mismatch(dest, expected) is None:
@@ -184,6 +186,8 @@ def download(
                                 retries=retries, bar=bar, task=task)
         _verify(part, expected, url, dest)
         os.replace(part, dest)
+    finally:
+        os.close(lock)  # releases the lock
     return dest
 
 

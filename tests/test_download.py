@@ -401,4 +401,4 @@ def test_two_downloads_of_one_file_take_turns(http_server: ArchiveServer, dest: 
         thread.join(timeout=120)
     assert results == [dest, dest]
     assert dest.read_bytes() == payload and len(http_server.requests_for("/big.bin")) == 1
-    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, dest.name + ".lock"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]
