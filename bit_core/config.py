@@ -149,7 +149,7 @@ class ExportConfig(_Section):
     """ONNX export and its parity check."""
 
     opset: int = Field(17, ge=13, le=18)  # ATC reads opsets up to 18
-    parity_batches: list[int] = [1, 3, 8]
+    parity_batches: list[Annotated[int, Field(ge=1)]] = Field([1, 3, 8], min_length=1)
     atol: float = Field(1e-4, gt=0)  # parity tolerance: atol + rtol x largest |logit|
     rtol: float = Field(1e-4, ge=0)
     simplify: bool = True
@@ -183,7 +183,7 @@ class OpenVINOConfig(_Section):
 class EvaluateConfig(_Section):
     """Accuracy and speed of every back-end."""
 
-    batch_sizes: list[int] = [1, 4, 8, 16, 32, 64]
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 4, 8, 16, 32, 64], min_length=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"

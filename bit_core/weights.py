@@ -153,10 +153,18 @@ def verify_npz(path: Path, name: str) -> None:
 
 
 def load_trained(path: Path) -> tuple[ResNetV2, dict]:
-    """A fine-tuned model (eval mode) and its self-describing checkpoint, read without pickle."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
-    model.load_state_dict(checkpoint["model"])
+    """A fine-tuned model (eval mode) and its self-describing checkpoint, read without pickle;
+    WeightsError in one line when the file is no such checkpoint (truncated, another format,
+    weights that do not fit the model it names)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(checkpoint["model_name"], num_classes=checkpoint["num_classes"])
+        model.load_state_dict(checkpoint["model"])
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 (torch.load's and load_state_dict's many failures)
+        raise WeightsError(f"{path} is not a fine-tuned checkpoint this pipeline can read "
+                           f"({type(err).__name__}): re-run the finetune stage") from None
     return model.eval(), checkpoint
 
 

@@ -59,6 +59,9 @@ def prepare(cfg: DataConfig, raw: Path, out: Path, report: Path) -> dict:
     if not splits["train"]:
         raise DataError(f"no training images are left of {raw}: lower data.val_fraction or "
                         "data.test_fraction, or add images")
+    if not splits["test"]:
+        raise DataError(f"the test split of {raw} is empty: set data.test_fraction above 0 "
+                        "(or give a test/ folder), so that evaluate has images to measure")
     untrained = sorted(set(data.classes) - {data.classes[s.label] for s in splits["train"]})
     if untrained:  # unreadable images left out, or data.dedupe, took all of a class's
         more = f" (and {len(untrained) - 1} more)" if len(untrained) > 1 else ""

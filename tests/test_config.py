@@ -113,6 +113,8 @@ def test_overrides_write_the_file_as_a_person_would(params_file):
     ("nosection.key=1", "no section 'nosection'"),
     ("train.batch", "not key=value"),
     ("train.batch=[1,", "the value is not valid YAML: close its brackets"),
+    ("export.parity_batches=[]", r"export.parity_batches = \[\]: List should have at least 1"),
+    ("evaluate.batch_sizes=[0, 4]", "evaluate.batch_sizes.0 = 0: Input should be greater"),
 ])
 def test_bad_override_leaves_file_untouched(params_file, override, message):
     before = params_file.read_text()

@@ -226,3 +226,12 @@ def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
     with pytest.raises(DataError, match=r"the name b'a/caf\\xe9.png' is not UTF-8 text: rename"):
         prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_test_split_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    _images(raw, ["a", "b"], 4)
+    with pytest.raises(DataError, match=r"the test split of .*raw is empty: set data.test_fraction "
+                                        r"above 0 \(or give a test/ folder\)"):
+        prepare(DataConfig(test_fraction=0.0), raw, tmp_path / "out", tmp_path / "report")
+    assert not (tmp_path / "out").exists()

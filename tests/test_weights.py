@@ -191,3 +191,22 @@ def test_fetch_weights_stage_records_the_mirror_without_its_password(official, t
     written = (tmp_path / "out" / WEIGHTS_SOURCE).read_text()
     assert record["url"] == url.replace("://", "://ci:***@") == json.loads(written)["url"]
     assert "hunter2" not in written
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not torch", "other model"])
+def test_an_unreadable_fine_tuned_checkpoint_is_one_line(tmp_path, damage):
+    from bit_core.weights import load_trained
+
+    path = tmp_path / "checkpoint.pt"
+    model = build_model(NAME, num_classes=3)
+    torch.save({"model": model.state_dict(), "model_name": NAME, "num_classes": 3}, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:100_000])
+    elif damage == "not torch":
+        path.write_text("not a checkpoint")
+    else:
+        torch.save({"model": model.state_dict(), "model_name": "BiT-M-R101x1", "num_classes": 3},
+                   path)
+    with pytest.raises(WeightsError, match=r"checkpoint.pt is not a fine-tuned checkpoint this "
+                                           r"pipeline can read \(\w+\): re-run the finetune"):
+        load_trained(path)
