@@ -9,6 +9,7 @@ from bit_core.config import Params
 from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport
 from bit_core.record import ModelRecord
 from bit_core.export import check_parity, export_onnx, op_types, real_batch
+from bit_core.io import atomic_dir
 from bit_core.weights import load_trained
 from tasks import tracking
 from tasks.common import log, stage_main
@@ -21,13 +22,15 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
     model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
     record = ModelRecord.of_checkpoint(checkpoint)
     resolution = record.resolution
-    path = export_onnx(model, out / ONNX_FILE, resolution=resolution, opset=cfg.opset,
-                       simplify=cfg.simplify, metadata=record.onnx_metadata())
-    parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
-                          atol=cfg.atol, rtol=cfg.rtol,
-                          real_images=real_batch(data_root, splits, resolution))
-    result = ExportReport(opset=cfg.opset, onnx_bytes=path.stat().st_size,
-                          op_types=sorted(op_types(path)), **parity)
+    with atomic_dir(out) as tmp:  # published only once it passed: a failure keeps the old one
+        path = export_onnx(model, tmp / ONNX_FILE, resolution=resolution, opset=cfg.opset,
+                           simplify=cfg.simplify, metadata=record.onnx_metadata())
+        parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
+                              atol=cfg.atol, rtol=cfg.rtol,
+                              real_images=real_batch(data_root, splits, resolution))
+        result = ExportReport(opset=cfg.opset, onnx_bytes=path.stat().st_size,
+                              op_types=sorted(op_types(path)), **parity)
+    path = out / ONNX_FILE
     result.write(report)
     with tracking.appended_run(checkpoint_dir) as mlflow:
         if mlflow:

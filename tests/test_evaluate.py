@@ -34,7 +34,6 @@ def test_a_compiled_back_end_is_timed_at_each_batch_size_and_padded_only_for_acc
     padded), but its images/s at batch 1 must be a batch of 1: its speed rows were all timed on
     padded batches of 64. `compiled_predictor` is swapped for the eager one (the wiring is what
     is checked; compiling takes ~20 s a shape)."""
-    import numpy as np
     import torch
 
     import tasks.evaluate as stage

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,6 +232,34 @@ def test_finetune_relaunches_itself_with_torchrun(pipeline, tmp_path, monkeypatc
     assert checkpoint["step"] == 2 and checkpoint["config"]["processes"] == 2
     assert len((tmp_path / "rep/loss.csv").read_text().splitlines()) == 3
     assert list(scratch.iterdir()) == []
+
+
+def test_an_export_that_fails_parity_keeps_the_previous_model_and_report(pipeline, tmp_path):
+    """The ONNX file is published only once it matches PyTorch: a failed export leaves the
+    previous model.onnx and export.json as they were (a new, unchecked model beside the old
+    report saying parity passed is what register would then have registered)."""
+    from tests.conftest import tiny_onnx
+
+    work = pipeline[0]
+    (tmp_path / "onnx").mkdir()
+    tiny_onnx(tmp_path / "onnx/model.onnx")  # an earlier export, unlike the one made here
+    shutil.copy(work / "reports/export.json", tmp_path / "export.json")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()}
+    report = (tmp_path / "export.json").read_bytes()
+    params = tmp_path / "params.yaml"
+    params.write_text((work / "params.yaml").read_text())
+    apply_overrides(params, ["export.atol=1e-12", "export.rtol=0.0"])
+    os.environ["BIT_PARAMS"] = str(params)
+    try:
+        code = _stage("export", "--checkpoint", "models/finetuned", "--data", "data/raw",
+                      "--splits", "data/prepared", "--out", str(tmp_path / "onnx"), "--report",
+                      str(tmp_path / "export.json"))
+    finally:
+        os.environ["BIT_PARAMS"] = str(work / "params.yaml")
+    assert code == 2
+    assert {p.name: p.read_bytes() for p in (tmp_path / "onnx").iterdir()} == before
+    assert (tmp_path / "export.json").read_bytes() == report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "onnx", "params.yaml"]
 
 
 def test_interrupted_finetune_resumes_from_persisted_checkpoint(pipeline, tmp_path):
