@@ -20,7 +20,7 @@ from bit_core.contracts import (CHECKPOINT, IR_MANIFEST, OM_MANIFEST, Evaluation
                                 IRManifest, IRStatus, OMManifest, OMStatus, metric_key)
 from bit_core.data import ImageListDataset, eval_transform
 from bit_core.device import CpuUnits, cpu_units, resolve_device
-from bit_core.errors import ParityError
+from bit_core.errors import ContractError, ParityError
 from bit_core.evaluate import (Predict, compiled_predictor, confusion_matrix, cpu_used_elsewhere,
                                measure_speed, onnx_predictor, padded_predictor, predict_all,
                                topk_accuracy, torch_predictor)
@@ -265,6 +265,25 @@ def _om(om_dir: Path, loader: DataLoader, labels: np.ndarray, cfg, accuracy: dic
     return om_speed
 
 
+def _check_inputs_agree(record: ModelRecord, onnx_path: Path, splits: Path) -> None:
+    """ContractError unless the checkpoint, the ONNX export and the test split belong together:
+    one model's classes and input, and the split's classes (a 2-class model scored on 10-class
+    labels gives chance-level numbers, not an error)."""
+    from bit_core.splits import read_classes
+
+    classes = read_classes(splits)
+    if record.classes != classes:
+        raise ContractError(f"the checkpoint's {len(record.classes)} classes are not the "
+                            f"{len(classes)} of {splits}: fine-tune on these splits, or give "
+                            "the splits it was trained on")
+    exported = ModelRecord.of_onnx(onnx_path)
+    if (exported.classes, exported.resolution) != (record.classes, record.resolution):
+        raise ContractError(f"{onnx_path} was exported from another checkpoint ("
+                            f"{len(exported.classes)} classes at {exported.resolution} px, the "
+                            f"checkpoint {len(record.classes)} at {record.resolution} px): "
+                            "re-run the export stage")
+
+
 def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path,
              data_root: Path, splits: Path, out: Path, ir_dir: Path,
              units: CpuUnits | None = None) -> EvaluationMetrics:
@@ -274,7 +293,9 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, checkpoint = load_trained(checkpoint_dir / CHECKPOINT)
-    resolution = ModelRecord.of_checkpoint(checkpoint).resolution
+    record = ModelRecord.of_checkpoint(checkpoint)
+    _check_inputs_agree(record, onnx_path, splits)
+    resolution = record.resolution
     loader = _test_loader(params, data_root, splits, resolution)
     device = resolve_device(cfg.device)
     host = host_plan(cfg, device, units, ir_dir)

@@ -262,6 +262,27 @@ def test_an_export_that_fails_parity_keeps_the_previous_model_and_report(pipelin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "onnx", "params.yaml"]
 
 
+def test_evaluate_refuses_a_checkpoint_export_and_split_that_do_not_belong_together(
+        pipeline, tmp_path, capsys):
+    """A model scored on another data set's labels gives chance-level numbers, not an error;
+    an export of another checkpoint fails deep in ONNX Runtime. Both are one line first."""
+    from tests.conftest import tiny_onnx
+
+    shutil.copytree(pipeline[0] / "data/prepared", tmp_path / "prepared")
+    classes = json.loads((tmp_path / "prepared/classes.json").read_text())
+    (tmp_path / "prepared/classes.json").write_text(json.dumps(classes[:2]))
+    common = ["--checkpoint", "models/finetuned", "--om", "models/om", "--openvino",
+              "models/openvino", "--data", "data/raw", "--out", str(tmp_path / "eval")]
+    assert _stage("evaluate", *common, "--onnx", "models/onnx/model.onnx",
+                  "--splits", str(tmp_path / "prepared")) == 2
+    assert "the checkpoint's 10 classes are not the 2 of" in capsys.readouterr().err
+    assert _stage("evaluate", *common, "--onnx", str(tiny_onnx(tmp_path / "tiny.onnx")),
+                  "--splits", "data/prepared") == 2
+    err = capsys.readouterr().err
+    assert "tiny.onnx was exported from another checkpoint (3 classes at 4 px" in err
+    assert err.count("\n") == 1 and not (tmp_path / "eval").exists()
+
+
 def test_interrupted_finetune_resumes_from_persisted_checkpoint(pipeline, tmp_path):
     """A checkpoint left in --resume-dir by an interrupted run is picked up by the next run."""
     from bit_core.config import load_params
