@@ -10,16 +10,15 @@ The archive sources have their own modules: :mod:`bit_core.cifar` and :mod:`bit_
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from bit_core.contracts import SPLITS, write_split_marker
 from bit_core.errors import DataError
 from bit_core.io import atomic_dir, link_or_copy
+from bit_core.splits import images_in
 
 
 def materialize_digits(out: Path) -> int:
@@ -36,30 +35,6 @@ def materialize_digits(out: Path) -> int:
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image, mode="L").save(folder / f"{index:04d}.png")
     return len(pixels)
-
-
-def is_image(path: Path) -> bool:
-    """Whether a file is an image by its suffix (torchvision's list) and is not hidden."""
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
-
-
-def images_in(folder: Path) -> Iterator[Path]:
-    """The images under `folder`, at any depth, in sorted order; hidden files and folders (such
-    as ``._photo.jpg`` or ``.ipynb_checkpoints/``) are skipped. Linked folders are followed,
-    except one that leads back to a folder it is in, or above it (a loop, which would add the
-    same images again and again under longer paths, or another class's under this one)."""
-    lineage: dict[str, frozenset[str]] = {}  # each folder: the real paths from `folder` to it
-
-    def loops(real: str, parent: str) -> bool:
-        return any(seen == real or seen.startswith(real.rstrip(os.sep) + os.sep)
-                   for seen in lineage[parent])
-
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        lineage[parent] = lineage.get(os.path.dirname(parent), frozenset()) | {
-            os.path.realpath(parent)}
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
-                         and not loops(os.path.realpath(os.path.join(parent, d)), parent))
-        yield from (Path(parent) / name for name in sorted(files) if is_image(Path(parent) / name))
 
 
 def count_images(folder: Path) -> int:

@@ -10,10 +10,11 @@ embedded digits, CIFAR, ImageNet, tf_flowers and any user folder.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,39 @@ import numpy as np
 from bit_core.contracts import SPLITS, read_split_marker
 from bit_core.errors import DataError
 from bit_core.io import file_digest
+
+
+@functools.cache
+def _image_suffixes() -> frozenset[str]:
+    # imported here: torchvision brings torch with it, which stages that only read the split
+    # files (register's fingerprint) and `bit predict` on files do without
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return frozenset(IMG_EXTENSIONS)
+
+
+def is_image(path: Path) -> bool:
+    """Whether a file is an image by its suffix (torchvision's list) and is not hidden."""
+    return path.suffix.lower() in _image_suffixes() and not path.name.startswith(".")
+
+
+def images_in(folder: Path) -> Iterator[Path]:
+    """The images under `folder`, at any depth, in sorted order; hidden files and folders (such
+    as ``._photo.jpg`` or ``.ipynb_checkpoints/``) are skipped. Linked folders are followed,
+    except one that leads back to a folder it is in, or above it (a loop, which would add the
+    same images again and again under longer paths, or another class's under this one)."""
+    lineage: dict[str, frozenset[str]] = {}  # each folder: the real paths from `folder` to it
+
+    def loops(real: str, parent: str) -> bool:
+        return any(seen == real or seen.startswith(real.rstrip(os.sep) + os.sep)
+                   for seen in lineage[parent])
+
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        lineage[parent] = lineage.get(os.path.dirname(parent), frozenset()) | {
+            os.path.realpath(parent)}
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and not loops(os.path.realpath(os.path.join(parent, d)), parent))
+        yield from (Path(parent) / name for name in sorted(files) if is_image(Path(parent) / name))
 
 
 @dataclass(frozen=True)
@@ -34,12 +68,8 @@ class Sample:
 
 def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
     """Images under class sub-folders of `root`, sorted; the class names in index order. What
-    counts as an image is what the imagefolder source takes (:func:`bit_core.sources.images_in`):
-    hidden files and folders, such as an archive's ``._photo.jpg``, are not."""
-    # imported here: torchvision (for its list of image suffixes) brings torch with it, which
-    # stages that only read the split files (register's fingerprint) do without
-    from bit_core.sources import images_in
-
+    counts as an image is what the imagefolder source takes (:func:`images_in`): hidden files
+    and folders, such as an archive's ``._photo.jpg``, are not."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist: create it or fix data.folder")

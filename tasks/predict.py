@@ -18,7 +18,7 @@ from bit_core.device import cpu_units
 from bit_core.errors import ConfigError
 from bit_core.redact import redact
 from bit_core.serving import ImageClassifier, ImageError, Prediction, load_image
-from bit_core.sources import images_in
+from bit_core.splits import images_in
 from tasks.register import CHALLENGER, CHAMPION
 
 BATCH = 32

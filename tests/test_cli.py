@@ -192,6 +192,7 @@ def test_ui_refuses_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
     import socket
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
