@@ -268,7 +268,7 @@ def ui(port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1"
     import socket
 
     uri = environment.tracking_uri()
-    if uri.lower().startswith(("http://", "https://")):
+    if environment.is_server(uri):
         _fail(f"MLFLOW_TRACKING_URI is a tracking server ({uri}): open its own UI at that "
               "address, or unset it to browse this folder's mlflow.db")
     with socket.socket() as probe:  # mlflow ui exits 0 when uvicorn cannot bind

@@ -123,7 +123,7 @@ def check_tracking_server(uri: str | None, timeout: float = HEALTH_TIMEOUT) -> b
     stores (nothing to check), True when the server answered. Raises PreflightError with one
     line naming the URI (redacted) and the fix otherwise.
     """
-    if not uri or not uri.lower().startswith(("http://", "https://")):
+    if not environment.is_server(uri):
         return False
     url = uri.rstrip("/") + "/health"
     fix = ("start it (mlflow server --host 127.0.0.1 --port <port> --backend-store-uri "
@@ -161,7 +161,7 @@ def check_shared_run(repo: str | Path, tracking_uri: str) -> None:
     """PreflightError unless a shared run can leave its results with the servers: MLflow must
     be a server (the default store is inside the workspace, which is removed at the end), and
     the workspace must be the clean clone the pull steps made."""
-    if not tracking_uri.lower().startswith(("http://", "https://")):
+    if not environment.is_server(tracking_uri):
         raise PreflightError(redact(
             f"a shared run logs to an MLflow server, not to {tracking_uri}, which would go with "
             "its workspace: set MLFLOW_TRACKING_URI=http://<host>:<port> on the worker (mlflow "
@@ -413,7 +413,7 @@ def mlflow_link(uri: str, run_id: str | None) -> str:
     """
     if not run_id:
         return "MLflow run: none recorded"
-    if uri.lower().startswith(("http://", "https://")):
+    if environment.is_server(uri):
         base = uri.rstrip("/")
         shown = split_credentials(base)[0]
         try:  # the REST API, with a short timeout (MlflowClient retries for minutes)

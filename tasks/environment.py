@@ -64,6 +64,11 @@ def tracking_uri(root: str | Path = ".") -> str:
         f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
+def is_server(uri: str | None) -> bool:
+    """Whether an MLflow tracking URI is a server (http or https), not a store on this disk."""
+    return bool(uri) and uri.lower().startswith(("http://", "https://"))
+
+
 def missing_store(uri: str) -> Path | None:
     """The file of a ``sqlite:///`` store that does not exist yet (MLflow would create it on
     first use); None for an existing file or any other kind of store."""
