@@ -378,8 +378,9 @@ def launch(cfg: TrainConfig, argv: list[str]) -> dict[int, int]:
     (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, default 30 s) and raises ``SignalException`` here.
     When one worker exits non-zero, it SIGTERMs the others, with the same timeout before
     SIGKILL. Those 30 s are what a stopped trainer has to finish its step and write the
-    checkpoint; the flow waits longer than that (``BIT_STOP_GRACE``) before it SIGKILLs this
-    process, so the agent is still there to kill workers that overrun.
+    checkpoint. The flow waits longer than that before it SIGKILLs this process (it sets the
+    timeout 5 s under its own ``BIT_STOP_GRACE``), so the agent is still there to kill workers
+    that overrun.
 
     Raises:
         ClusterError: the nodes did not all join the rendezvous in time, it is unreachable, or

@@ -144,7 +144,7 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
     from bit_core.config import ConfigError
     from flows.overrides import apply_overrides
     from flows.pipeline import (PreflightError, StageError, bit_finetune, check_tracking_server,
-                                run_changes)
+                                run_changes, stop_grace)
     from flows.workspace import WorkspaceError
 
     # Bad input fails here in one line, before a Prefect server starts and the flow run logs it.
@@ -154,6 +154,7 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
                 shutil.copy("params.yaml", Path(scratch) / "params.yaml")
             apply_overrides(Path(scratch) / "params.yaml", run_changes(set_, device, None))
             check_tracking_server(environment.tracking_uri())
+            stop_grace()
         except (ConfigError, PreflightError) as err:
             _fail(str(err).replace(str(Path(scratch) / "params.yaml"), "params.yaml"))
     try:

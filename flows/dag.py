@@ -1,8 +1,9 @@
-"""The pipeline as dvc.yaml defines it: the stages in order, their uncached outputs, and the
-result files that the `bit` command and the flow show (a test checks dvc.yaml declares them)."""
+"""The pipeline as dvc.yaml defines it: the stages in order, their outputs and resume folders, and
+the result files that the `bit` command and the flow show (a test checks dvc.yaml declares them)."""
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import yaml
@@ -46,9 +47,16 @@ def outputs(repo: str | Path = ".", *, cached: bool | None = None) -> set[str]:
     return found
 
 
-def persistent(repo: str | Path, stage: str) -> list[str]:
-    """The `persist` outputs of `stage` (DVC keeps them when the stage runs again: the
-    fine-tune's resume folder)."""
-    entries = _stages(Path(repo))[stage].get("outs", [])
-    return [next(iter(entry)) for entry in entries
-            if isinstance(entry, dict) and (next(iter(entry.values())) or {}).get("persist")]
+def tracked_stages(repo: str | Path = ".") -> list[str]:
+    """The stages that log to the pipeline's MLflow run: those that depend on (that is, import)
+    tasks/tracking.py."""
+    return [name for name, stage in _stages(Path(repo)).items()
+            if "tasks/tracking.py" in stage.get("deps", [])]
+
+
+def resume_folders(repo: str | Path, stage: str) -> list[str]:
+    """The folders `stage` keeps its checkpoints in between runs (its command's ``--resume-dir``:
+    the fine-tune's ``models/resume``). They are not DVC outputs, so DVC neither removes them
+    when the stage runs again nor keeps the stage out of its run cache."""
+    argv = shlex.split(command(repo, stage))
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--resume-dir"]

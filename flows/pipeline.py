@@ -43,13 +43,14 @@ Nightly runs (``nightly=True``, what the gpu/npu schedules in prefect.yaml pass)
 
 Stopping: each stage runs in its own process group. When the flow is cancelled or its process
 is told to stop (SIGTERM, Ctrl-C), the stage gets SIGTERM and up to ``BIT_STOP_GRACE`` seconds
-(default 60): the fine-tune stage then writes a checkpoint under its ``persist`` resume folder,
-which the next run continues from. The flow never forces or cleans the fine-tune stage.
+(default 25, see STOP_GRACE): the fine-tune stage then writes a checkpoint to its resume folder
+(``--resume-dir``, which DVC leaves alone), and the next run continues from it. The flow never forces or cleans the fine-tune stage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -78,6 +79,13 @@ TRAIN_STAGE = "finetune"
 # (`prefect concurrency-limit create bit-gpu-training 1`) allows one training per pool at a time.
 POOLS = {"cpu": "bit-cpu", "cuda": "bit-gpu", "npu": "bit-npu"}
 HEALTH_TIMEOUT = 5.0
+# How long a stopped stage may take to end (the trainer: finish its step, write its checkpoint)
+# before it is killed (BIT_STOP_GRACE overrides it). Under 30 s: Prefect's process worker kills a
+# cancelled flow run's process 30 s after its SIGTERM, and the flow still has to hand the
+# checkpoint to the host's cache. torchrun's agent gets 5 s less to stop its workers
+# (TORCH_ELASTIC_SHUTDOWN_TIMEOUT), so that it is still alive to kill those that overrun.
+STOP_GRACE = 25.0
+GRACE_ENV = "BIT_STOP_GRACE"
 
 
 class PreflightError(RuntimeError):
@@ -86,6 +94,27 @@ class PreflightError(RuntimeError):
 
 class StageError(RuntimeError):
     """A stage's command failed; the message is the stage's own error line when it gave one."""
+
+
+def stop_grace() -> float:
+    """Seconds a stopped stage may take to end: BIT_STOP_GRACE, else STOP_GRACE."""
+    value = os.environ.get(GRACE_ENV) or str(STOP_GRACE)
+    try:
+        grace = float(value)
+    except ValueError:
+        grace = -1.0
+    if not 0 < grace < math.inf:
+        raise PreflightError(f"{GRACE_ENV}={value} is not a number of seconds above 0: unset it "
+                             f"(default {STOP_GRACE:g}) or set e.g. {GRACE_ENV}=25")
+    return grace
+
+
+def stage_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a stage's command: the tools' settings, `extra`, and torchrun's
+    shutdown timeout (unless already set) 5 s under the flow's grace (see STOP_GRACE)."""
+    env = {**environment.tool_env(), **(extra or {})}
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(1, int(stop_grace()) - 5)))
+    return env
 
 
 def training_tag(device: str) -> str:
@@ -178,6 +207,7 @@ def check_shared_run(repo: str | Path, tracking_uri: str) -> None:
 def preflight(repo: str, nightly: bool, shared: bool = False) -> dict:
     """Fail in seconds, before any stage, when the tracking server or the checkout is unusable."""
     logger = get_run_logger()
+    stop_grace()  # a bad BIT_STOP_GRACE would only show when the run is stopped
     uri = environment.tracking_uri(repo)
     if shared:
         check_shared_run(repo, uri)
@@ -258,7 +288,7 @@ def command(repo: str, argv: list[str], log: bool = True, env: dict[str, str] | 
     with tempfile.TemporaryDirectory(prefix="bit-dvc-") as tmp:
         output = Path(tmp) / "output.log"
         with output.open("w") as writer:
-            process = subprocess.Popen(argv, cwd=repo, env={**environment.tool_env(), **(env or {})},
+            process = subprocess.Popen(argv, cwd=repo, env=stage_env(env),
                                        stdout=writer, stderr=subprocess.STDOUT,
                                        stdin=subprocess.DEVNULL, start_new_session=True)
         try:
@@ -269,7 +299,7 @@ def command(repo: str, argv: list[str], log: bool = True, env: dict[str, str] | 
                     logger.info(line)
             process.wait()
         except BaseException:  # cancelled, SIGTERM (Prefect's TerminationSignal), Ctrl-C
-            _stop(process, float(os.environ.get("BIT_STOP_GRACE", "60")))
+            _stop(process, stop_grace())
             raise
     return process.returncode, "\n".join(lines)
 
@@ -280,6 +310,14 @@ def stage_status(repo: str, stage: str) -> dict:
     return workspace.status(repo, stage)
 
 
+def _restorable(repo: str, stage: str, sharing: workspace.Sharing | None) -> bool:
+    """Whether DVC's run cache (the remote's fetched first, when shared) holds a run of `stage`
+    with its current inputs, so that ``dvc repro`` restores its outputs instead of running it."""
+    if sharing:
+        workspace.fetch_run_cache(repo, sharing)
+    return workspace.restorable(repo, stage, pull=bool(sharing and sharing.remote))
+
+
 def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
                env: dict[str, str] | None = None) -> dict:
     """Bring one DVC stage up to date; return whether its command ran or DVC restored its
@@ -288,13 +326,9 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
     a stopped fine-tune's checkpoint on the host for the next run (its workspace goes)."""
     sharing = workspace.Sharing.from_env() if shared else None
     changed = force or bool(stage_status(repo, stage))
-    restored = False
-    if changed and not force:
-        if sharing:
-            workspace.fetch_run_cache(repo, sharing)
-        restored = workspace.restorable(repo, stage)
+    restored = changed and not force and _restorable(repo, stage, sharing)
     pull = ["--pull"] if sharing and sharing.remote else []
-    kept = dag.persistent(repo, stage) if sharing and changed and not restored else []
+    kept = dag.resume_folders(repo, stage) if sharing and changed and not restored else []
     with workspace.checkpoints_kept(repo, sharing, kept) if kept else nullcontext():
         code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
                            *pull, stage, env=env)
@@ -343,12 +377,12 @@ def pipeline_status(repo: str) -> dict:
 
 @task(name="prepare-workspace")
 def prepare_workspace(repo: str) -> dict:
-    """A shared run's workspace: the host's DVC cache and the DVC remote configured, the remote
-    checked (and its run cache fetched). Raises WorkspaceError with one line."""
+    """A shared run's workspace: its git history complete, the host's DVC cache and the DVC
+    remote configured, the remote checked (and its run cache fetched). Raises WorkspaceError
+    with one line."""
     logger = get_run_logger()
     sharing = workspace.Sharing.from_env()
-    workspace.configure(repo, sharing)
-    workspace.check_remote(repo, sharing)
+    workspace.prepare(repo, sharing)
     logger.info("workspace %s at commit %s; DVC cache %s; DVC remote %s", repo,
                 workspace.head(repo), sharing.cache, sharing.remote_shown)
     if not sharing.remote:
@@ -362,9 +396,15 @@ def restore_experiment(repo: str) -> str | None:
     """Restore the newest experiment on the git remote made from this commit with these
     parameters (by any host), so that DVC finds its stages up to date. Returns its name."""
     name = workspace.matching_experiment(repo)
-    if name:
-        workspace.restore_experiment(repo, name)
-        get_run_logger().info("restored experiment %s: same commit and parameters", name)
+    if not name:
+        return None
+    if not workspace.restore_experiment(repo, name, workspace.Sharing.from_env()):
+        get_run_logger().warning(
+            "experiment %s (same commit and parameters) has outputs that are neither in this "
+            "host's DVC cache nor on the DVC remote (a run without %s made it): the stages "
+            "restore them from the run cache or run again", name, workspace.REMOTE_ENV)
+        return None
+    get_run_logger().info("restored experiment %s: same commit and parameters", name)
     return name
 
 
@@ -379,9 +419,10 @@ def experiment_name(nightly: bool) -> str:
 
 @task(name="record-experiment")
 def record_experiment(repo: str, run_id: str | None, nightly: bool = True,
-                      shared: bool = False) -> dict:
+                      shared: bool = False, logged: bool = True) -> dict:
     """`dvc exp save` (a shared run then pushes its data to the DVC remote and the experiment
-    to the git remote); tag the MLflow run with the experiment."""
+    to the git remote); tag the MLflow run with the experiment, unless this flow run logged
+    nothing to it (`logged` False: every stage was restored) and it is tagged already."""
     logger = get_run_logger()
     name = experiment_name(nightly)
     rev = workspace.save_experiment(repo, name, f"{name}: MLflow run {run_id}")
@@ -398,8 +439,13 @@ def record_experiment(repo: str, run_id: str | None, nightly: bool = True,
             from mlflow.tracking import MlflowClient
 
             client = MlflowClient(environment.tracking_uri(repo))
-            client.set_tag(run_id, "dvc.experiment", name)
-            client.set_tag(run_id, "dvc.experiment_rev", rev or "")
+            earlier = client.get_run(run_id).data.tags.get("dvc.experiment")
+            if earlier and not logged:  # restored whole: it stays with the experiment it made
+                logger.info("MLflow run %s stays tagged with experiment %s: every stage was "
+                            "restored, and its results are that experiment's", run_id, earlier)
+            else:
+                client.set_tag(run_id, "dvc.experiment", name)
+                client.set_tag(run_id, "dvc.experiment_rev", rev or "")
         except Exception as err:  # the experiment is recorded; the tag is a convenience
             logger.warning("could not tag MLflow run %s with the experiment: %s", run_id,
                            redact(str(err)))
@@ -462,8 +508,9 @@ def _run_pipeline(repo: str, params: dict, shared: bool,
             results.append(run_io_stage(stage, repo, shared=shared))
         elif stage == TRAIN_STAGE:
             train = run_stage.with_options(tags={train_tag})
-            if plan is None or not stage_status(repo, stage):
-                results.append(train(stage, repo, shared=shared))
+            if plan is None or not stage_status(repo, stage) or \
+                    _restorable(repo, stage, workspace.Sharing.from_env()):
+                results.append(train(stage, repo, shared=shared))  # no other node needed
                 continue
             with node_runs.other_nodes(params, plan) as env:
                 results.append(train(stage, repo, shared=shared, env=env))
@@ -521,14 +568,22 @@ def _publish(repo: str, results: list[dict], commit: str | None, restored: str |
     worked = any(r["ran"] or r["restored"] for r in results)
     experiment = None
     if nightly or (shared and (worked or not restored)):
-        experiment = record_experiment(repo, run_id, nightly=nightly, shared=shared)
+        tracked = dag.tracked_stages(repo)
+        experiment = record_experiment(repo, run_id, nightly=nightly, shared=shared,
+                                       logged=any(r["ran"] and r["stage"] in tracked
+                                                  for r in results))
     where = _provenance(experiment, restored, shared)
     _stage_table(results)
     create_markdown_artifact(key="bit-evaluation", description="top-1/FPS", markdown=(
         f"## BiT evaluation\n\n{table}\n\n{link}\n\n{where}\n"))
     if nightly:
+        ran = [r["stage"] for r in results if r["ran"]]
+        outcome = "retrained" if TRAIN_STAGE in ran else (
+            f"model not retrained (its inputs did not change); re-ran {', '.join(ran)}" if ran
+            else "nothing retrained: every stage was restored from a run with the same inputs "
+                 "(DVC's run cache)")
         create_markdown_artifact(key="bit-nightly", description="nightly retraining", markdown=(
-            f"## BiT nightly: retrained\n\n{where}\n\n{link}\n"))
+            f"## BiT nightly: {outcome}\n\n{where}\n\n{link}\n"))
     return {"stages": results, "mlflow_run_id": run_id, "up_to_date": not worked,
             "experiment": experiment, "restored": restored, "workspace": repo,
             "commit": commit}

@@ -121,6 +121,24 @@ def remote_options(url: str) -> dict[str, str]:
     return options
 
 
+def prepare(root: str | Path, sharing: Sharing) -> None:
+    """Make a fresh clone a workspace: its whole git history, the host cache and the remote
+    configured, the remote checked (its run cache fetched). WorkspaceError in one line."""
+    complete_history(root)
+    configure(root, sharing)
+    check_remote(root, sharing)
+
+
+def complete_history(root: str | Path) -> None:
+    """Fetch the history a shallow clone lacks (the deployments' git_clone step clones with
+    ``--depth 1``). DVC's experiments need it: its git library drops a clone's shallow marker
+    when it fetches an experiment, and a later ``dvc exp push`` then fails on the parent commit
+    the clone never had ("unexpected error - b'<commit>'"). The history is the project's code
+    alone (data and models live in DVC), so it is small."""
+    if git(root, "rev-parse", "--is-shallow-repository").strip() == "true":
+        git(root, "fetch", "--quiet", "--unshallow", GIT_REMOTE)
+
+
 def configure(root: str | Path, sharing: Sharing) -> Path:
     """Write the host cache and the remote into `root`'s .dvc/config.local (mode 0600: it may
     hold the remote's password); other settings already there are kept. Returns its path."""
@@ -254,34 +272,51 @@ def _stage(repo, root: str | Path, name: str):
     return repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")[0]
 
 
-def restorable(root: str | Path, stage: str) -> bool:
-    """Whether DVC's run cache holds a run of `stage` with its current inputs, so that
-    ``dvc repro --pull`` restores its outputs instead of running its command.
+def restorable(root: str | Path, stage: str, pull: bool = False) -> bool:
+    """Whether ``dvc repro`` (``dvc repro --pull`` with `pull`) will restore the outputs of
+    `stage` instead of running its command: DVC's run cache holds a run with its current inputs
+    (or dvc.lock records one), and that run's outputs are in the host cache, after fetching them
+    from the remote with `pull`.
 
-    DVC answers this only inside ``dvc repro`` (in its log), so its run cache is asked here
-    directly. Stages DVC cannot cache runs of (a ``persist`` output, as the fine-tune's resume
-    folder) and stages whose inputs are not all there yet answer False.
+    DVC decides this only inside ``dvc repro`` (and says so only in its log), so the same steps
+    are taken here through its API; with `pull` the outputs are fetched now rather than by
+    ``dvc repro``. Stages DVC cannot cache runs of (one with a ``persist`` output) and stages
+    whose inputs are not all there yet answer False.
     """
     from dvc.repo import Repo
     from dvc.stage.cache import _can_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
 
     try:
-        with chdir(root), Repo(str(root)) as repo:
+        with chdir(root), Repo(str(root)) as repo, repo.lock:  # as `dvc repro` holds it
             found = _stage(repo, root, stage)
+            if pull and not found.changed(True):  # dvc.lock's run, outputs missing: DVC pulls
+                for objs in found.get_used_objs().values():  # them (the cached ones) and
+                    repo.cloud.pull(objs)  # checks them out, falling back to the run cache
+                if all(not out.changed_cache() for out in found.outs if out.use_cache):
+                    return True
             if not _can_hash(found):
                 return False
             if not found.changed_stage() and found.deps_cached() and \
-                    all(out.hash_info and not out.changed_cache() for out in found.outs):
-                return True  # dvc.lock records this run and the host cache holds its outputs
-            found.save_deps()
-            return repo.stage_cache._load(found) is not None  # noqa: SLF001
+                    all(out.hash_info for out in found.outs):
+                run = to_single_stage_lockfile(found)  # the run dvc.lock records
+            else:
+                found.save_deps()
+                run = repo.stage_cache._load(found)  # noqa: SLF001
+                if not run:
+                    return False
+            cached = repo.stage_cache._create_stage(run, wdir=found.wdir)  # noqa: SLF001
+            if pull:
+                for objs in cached.get_used_objs().values():
+                    repo.cloud.pull(objs)
+            return cached.outs_cached()
     except Exception:  # noqa: BLE001 - when in doubt, the stage runs
         return False
 
 
 @contextmanager
 def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> Iterator[None]:
-    """Around a stage with ``persist`` outputs (the fine-tune's resume folder): a run stopped or
+    """Around a stage with resume folders (the fine-tune's ``--resume-dir``): a run stopped or
     failed leaves them in the host cache (``<cache>/bit-resume/<commit and parameters>``) and on
     the DVC remote (``bit-resume/<same>``) instead of in its workspace, which goes with it; the
     next run of the same commit and parameters, on this host or another, starts with them (the
@@ -373,18 +408,34 @@ def matching_experiment(root: str | Path) -> str | None:
     return max(found)[1] if found else None
 
 
-def restore_experiment(root: str | Path, name: str) -> None:
+def restore_experiment(root: str | Path, name: str, sharing: Sharing) -> bool:
     """Bring experiment `name` into the workspace: its parameters, dvc.lock and metrics from git,
-    its data and models from the DVC remote (``dvc exp pull`` then ``dvc exp apply``)."""
+    its data and models from the DVC remote (``dvc exp pull`` then ``dvc exp apply``).
+
+    An experiment pushed by a run without a DVC remote has its data in that run's host cache
+    only (it went to git all the same). When ``dvc exp apply`` finds outputs in neither this
+    host's cache nor the remote, the workspace is put back as it was (the fresh clone with the
+    run's parameters) and False is returned rather than an error: the stages are then restored
+    from the run cache or run. Called before any stage ran.
+    """
     fix = f"check the DVC remote and git remote {GIT_REMOTE}"
-    _checked(root, f"pulling experiment {name}", fix, "exp", "pull", GIT_REMOTE, name)
-    _checked(root, f"applying experiment {name}", fix, "exp", "apply", name)
+    pull = ["exp", "pull", *([] if sharing.remote else ["--no-cache"]), GIT_REMOTE, name]
+    _checked(root, f"pulling experiment {name}", fix, *pull)
+    params = (Path(root) / "params.yaml").read_bytes()
+    try:
+        _checked(root, f"applying experiment {name}", fix, "exp", "apply", name)
+    except WorkspaceError:  # back to the clone with the run's parameters, so that the stages
+        git(root, "reset", "--quiet", "--hard")  # find their runs in the run cache (the
+        git(root, "clean", "-fdq")  # experiment's dvc.lock would send DVC to its outputs)
+        (Path(root) / "params.yaml").write_bytes(params)
+        return False
+    return True
 
 
 def _uncommitted_results(root: str | Path) -> list[str]:
     """Files an experiment holds besides those git tracks: dvc.lock, DVC's .gitignores and the
-    uncached outputs, ignored ones too (the fine-tune's resume folder: its run record), so that
-    ``dvc exp apply`` restores every output DVC cannot."""
+    uncached outputs, ignored ones too, so that ``dvc exp apply`` restores every output DVC
+    cannot."""
     declared = sorted({"dvc.lock", *dag.outputs(root, cached=False)})
     return git(root, "ls-files", "--others", "--", *declared, ":(glob)**/.gitignore").split("\n")[:-1]
 

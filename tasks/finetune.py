@@ -148,8 +148,8 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
              reports: Path, resume_dir: Path | None = None) -> dict:
     """Fine-tune and write `out/checkpoint.pt`, `reports/{loss.csv,loss.png,metrics.json}`.
 
-    Periodic and interruption checkpoints go to `resume_dir` (a DVC `persist` output, so it
-    survives the stage being re-run); a later run with the same parameters resumes from it and
+    Periodic and interruption checkpoints go to `resume_dir` (not a DVC output, so it survives
+    the stage being re-run); a later run with the same parameters resumes from it and
     continues its MLflow run. The run ends FINISHED, KILLED when stopped by a signal (the
     checkpoint is kept), or FAILED.
 

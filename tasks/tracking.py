@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from bit_core.contracts import DATA_METRICS, MLFLOW_RUN, DataMetrics
-from bit_core.errors import Interrupted
+from bit_core.errors import ContractError, Interrupted
 from bit_core.redact import redact, redact_value
 from tasks import environment
 from tasks.common import log
@@ -180,9 +180,35 @@ def appended_run(directory: Path) -> Iterator[object]:
         return
     import mlflow
 
-    configure()
+    uri = configure()
+    _check_open(run_id, uri, "MLFLOW_RUN_ID" if os.environ.get("MLFLOW_RUN_ID") else
+                str(Path(directory) / MLFLOW_RUN))
     with mlflow.start_run(run_id=run_id):
         yield mlflow
+
+
+def _check_open(run_id: str, uri: str, named_in: str) -> None:
+    """ContractError in one line when the recorded run is not in the store or was deleted (the
+    fine-tune's outputs, restored by DVC, can outlive the MLflow run they name)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        deleted = MlflowClient(uri).get_run(run_id).info.lifecycle_stage == "deleted"
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":  # the store failed to answer
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ContractError(redact(
+                f"could not read MLflow run {run_id} from {uri} ({first[:300]}): check that "
+                "the tracking store is reachable and MLFLOW_TRACKING_URI's credentials")) from None
+        problem, fix = "is not in", "track to the store it was logged to (MLFLOW_TRACKING_URI)"
+    else:
+        if not deleted:
+            return
+        problem, fix = "was deleted from", f"mlflow runs restore --run-id {run_id}"
+    raise ContractError(redact(
+        f"MLflow run {run_id} of the fine-tuned model (named in {named_in}) {problem} "
+        f"{uri}: {fix}, or train again with dvc repro --force finetune"))
 
 
 def log_data_report(directory: Path, report: Path | None) -> None:

@@ -225,6 +225,17 @@ def test_flow_input_errors_are_one_line_before_any_server(tmp_path, repo_root, m
     assert (tmp_path / "params.yaml").read_text() == before
 
 
+@pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf"])
+def test_a_bad_stop_grace_is_one_line_before_any_server(tmp_path, repo_root, monkeypatch, value):
+    shutil.copy(repo_root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("BIT_STOP_GRACE", value)
+    result = runner.invoke(app, ["flow"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"BIT_STOP_GRACE={value} is not a number of seconds above 0: unset it" in result.output
+
+
 def test_ui_serves_the_project_store_with_one_web_worker(tmp_path):
     """`bit ui` in a folder: the MLflow UI on 127.0.0.1 over that folder's mlflow.db, run as three
     processes (bit, the mlflow CLI, one uvicorn worker: no job consumers, no spare workers) and

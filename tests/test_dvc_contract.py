@@ -11,6 +11,7 @@ takes an attribute of a typed config section (``params.train.batch``, ``cfg.batc
 from __future__ import annotations
 
 import ast
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def test_stage_depends_on_every_input_its_command_names(name):
     outputs = _outputs(stage)
     argv = stage["cmd"].split()
     paths = [arg for flag, arg in zip(argv, argv[1:]) if flag.startswith("--")
+             and flag != "--resume-dir"  # the stage's own state, deliberately undeclared
              and not arg.startswith("--") and "/" in arg]
     inputs = [p for p in paths if not _covered(p, outputs)  # an output, or a folder of them
               and not any(_covered(out, {p}) for out in outputs)]
@@ -192,3 +194,20 @@ def test_the_result_files_the_cli_and_flow_show_are_declared_outputs():
     for path in (dag.EVAL_TABLE, dag.EVAL_METRICS, dag.TRAIN_METRICS, dag.RUN_RECORD, *dag.RESULTS):
         assert any(path == out or path.startswith(out + "/") for out in declared), path
     assert dag.stages(REPO) == list(STAGES)
+
+
+def test_every_stage_can_be_restored_from_the_run_cache():
+    """No `persist` output (DVC keeps such a stage out of its run cache, so a shared run would
+    train again what another run trained with the same inputs). The fine-tune's resume folder
+    is its command's --resume-dir instead: no output, ignored by git."""
+    from flows import dag
+
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
+            options = next(iter(entry.values())) if isinstance(entry, dict) else {}
+            assert not (options or {}).get("persist"), f"{name}: {entry}"
+    assert dag.resume_folders(REPO, "finetune") == ["models/resume"]
+    assert "models/resume" not in dag.outputs(REPO)
+    ignored = subprocess.run(["git", "check-ignore", "-q", "models/resume/checkpoint.pt"],
+                             cwd=REPO)
+    assert ignored.returncode == 0

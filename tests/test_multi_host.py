@@ -13,8 +13,10 @@ restored the data stages instead of running them; both workspaces are gone; both
 readable through the MLflow server alone (loss curve, metrics, ONNX model, a registered version
 that loads); both experiments are listed from a third clone and one is reproduced there; a
 nightly run on the other host with A's commit and parameters restores everything and trains
-nothing. Then the bad inputs: each ends the run early with one line, leaves no experiment and
-no workspace, and no password reaches a log. Every process started here is stopped here.
+nothing, and so does one after a commit that changes no stage's input; a run cancelled during
+its fine-tune leaves its checkpoint in the host's cache. Then the bad inputs:
+each ends the run early with one line, leaves no experiment and no workspace, and no password
+reaches a log. Every process started here is stopped here.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 1500  # seconds a flow run may take on a loaded 2-core machine
 REMOTE = "s3://bit-dvc/dvc"
 MARKER = "BIT_TEST_HOSTS"  # in the environment of every process this module starts
+# Long enough to stop a run midway (a periodic checkpoint every 2 steps), short enough to finish.
+LONG = ["train.schedule=[2, 20, 30]", "train.eval_every=100", "train.checkpoint_every=2",
+        "train.peer_timeout=20"]
 
 
 @dataclass
@@ -380,6 +385,51 @@ def test_a_nightly_run_on_the_other_host_restores_and_trains_nothing(cluster, tr
     assert json.loads(_dvc(workspace, cluster.env(), "status", "--json")) == {}
 
 
+
+def test_after_a_commit_that_changes_no_input_a_nightly_run_restores_every_stage(cluster,
+                                                                               tracked):
+    """A new commit that only edits the README: host-b's nightly run with A's parameters finds
+    no experiment of that commit, and DVC's run cache restores every stage, the fine-tune
+    included; nothing trains, and A's MLflow run keeps the tag of the experiment that made it."""
+    client, runs = tracked
+    edit = cluster.root / "docs-edit"
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "clone", "-q", f"file://{cluster.origin}", str(edit)], check=True)
+    with (edit / "README.md").open("a") as readme:
+        readme.write("\nA line about nothing the pipeline reads.\n")
+    for args in (["commit", "-qam", "docs only"], ["push", "-q", "origin", "HEAD"]):
+        subprocess.run([*git, *args], cwd=edit, check=True, capture_output=True)
+    run = _run(cluster, "gpu", seed=1, parameters={"nightly": True})
+    state = _wait_final(cluster, run)
+    assert state.is_completed(), state.message
+    outcomes = _outcomes(cluster, run)
+    assert set(outcomes.values()) == {"restored"}, outcomes
+    assert "nothing retrained" in _artifact(cluster, run, "bit-nightly")
+    trained = client.get_run(runs["a"][1].info.run_id).data.tags
+    assert trained["dvc.experiment"] == runs["a"][0]
+
+
+def test_a_cancelled_run_hands_its_checkpoint_to_the_host_cache(cluster, two_runs):
+    """`prefect flow-run cancel` during the fine-tune: the trainer writes its checkpoint, the flow
+    moves the resume folder into host-a's DVC cache before the worker kills the flow's process
+    and removes the workspace, and the run ends Cancelled."""
+    run = _run(cluster, "cpu", seed=10, parameters={"overrides": ["train.seed=10", *LONG]})
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while not _in_hosts_tmp(cluster, "models/resume/checkpoint.pt"):
+        assert not _state(cluster, run).is_final(), _state(cluster, run).message
+        assert time.monotonic() < deadline, "no periodic checkpoint"
+        time.sleep(0.2)
+    cluster.prefect("flow-run", "cancel", run)
+    state = _wait_final(cluster, run, seconds=120)
+    assert state.is_cancelled(), state.name
+    kept = list((cluster.hosts["host-a"] / "dvc-cache" / "bit-resume").rglob("checkpoint.pt"))
+    assert [p.relative_to(p.parents[2]).as_posix() for p in kept] == [
+        "models/resume/checkpoint.pt"], kept
+    deadline = time.monotonic() + 60
+    while _workspaces(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _workspaces(cluster) == []
+
 # --- bad input: one line, nothing half-done, no password in a log ----------------------------------
 
 def _failed_early(cluster: Cluster, run_id: str, needle: str, *secrets: str) -> None:
@@ -436,11 +486,6 @@ def test_bad_input_ends_the_run_early_in_one_line(cluster, two_runs):
 
 
 # --- one model on two hosts: nodes=2 ---------------------------------------------------------------
-
-# Long enough to lose a node midway (a periodic checkpoint every 2 steps), short enough to finish.
-LONG = ["train.schedule=[2, 20, 30]", "train.eval_every=100", "train.checkpoint_every=2",
-        "train.peer_timeout=20"]
-
 
 @pytest.fixture(scope="module")
 def node_hosts(cluster):

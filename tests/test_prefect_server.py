@@ -126,6 +126,32 @@ def test_the_mlflow_server_runs_without_job_consumers(tmp_path, monkeypatch):
     assert len(commands) == 2 and not any("huey" in c or "job" in c for c in commands), commands
 
 
+# --- stopping a stage ----------------------------------------------------------------------------
+
+def test_a_stopped_stage_ends_before_prefects_worker_kills_the_flow(monkeypatch):
+    """A cancelled deployment run's process is SIGKILLed 30 s after its SIGTERM (Prefect's process
+    worker; read from its source, so an upgrade that changes it fails here). The stage's grace
+    is under that, and torchrun's agent gets 5 s less to stop its workers; a timeout the user set
+    for the agent is kept."""
+    import inspect
+    import re
+
+    from prefect.runner import _cancellation_manager
+
+    from flows.pipeline import STOP_GRACE, stage_env, stop_grace
+
+    (worker,) = re.findall(r"grace_seconds = ([\d.]+)", inspect.getsource(_cancellation_manager))
+    monkeypatch.delenv("BIT_STOP_GRACE", raising=False)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert stop_grace() == STOP_GRACE < float(worker)
+    assert stage_env()["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(int(STOP_GRACE) - 5)
+    monkeypatch.setenv("BIT_STOP_GRACE", "60")  # a checkout, where nothing kills the flow
+    env = stage_env({"BIT_NODE_RANK": "1"})
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "55" and env["BIT_NODE_RANK"] == "1"
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "7")
+    assert stage_env()["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "7"
+
+
 def test_mlflow_link_for_a_local_store():
     text = mlflow_link("sqlite:////tmp/x/mlflow.db", "abc123")
     assert "`abc123`" in text and "sqlite:////tmp/x/mlflow.db" in text

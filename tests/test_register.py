@@ -66,6 +66,46 @@ def _pipeline_run(tmp, params, name, top1, parity=1e-6, test_images=3):
                     run_dir / "export.json", run_dir / "prepared", run_dir / "registry.json")
 
 
+def test_a_deleted_or_unknown_mlflow_run_is_one_line(store):
+    """The fine-tune's outputs (restored by DVC) name an MLflow run that was deleted since, or
+    that another store holds: a later stage says so in one line instead of MLflow's traceback."""
+    from mlflow.tracking import MlflowClient
+
+    from bit_core.errors import ContractError
+
+    tmp, params = store
+    run_dir = pipeline_run(tmp, params, "gone", 95.0)
+    run_id = tracking.read_run_id(run_dir)
+    MlflowClient(tracking.configure()).delete_run(run_id)
+    args = (tmp / "model.onnx", run_dir, run_dir / "metrics.json", run_dir / "export.json",
+            run_dir / "prepared", run_dir / "registry.json")
+    for problem, fix in (("was deleted from", f"mlflow runs restore --run-id {run_id}"),
+                         ("is not in", "MLFLOW_TRACKING_URI")):
+        with pytest.raises(ContractError) as err:
+            register(params, *args)
+        message = str(err.value)
+        assert "\n" not in message and problem in message and fix in message, message
+        assert "dvc repro --force finetune" in message and "mlflow_run.json" in message
+        tracking.write_run_file(run_dir, "0" * 32)  # a run no store here holds
+    assert not (run_dir / "registry.json").exists()
+
+
+def test_an_unreachable_tracking_server_is_not_called_a_missing_run(tmp_path, monkeypatch):
+    from bit_core.errors import ContractError
+    from tests.conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracking.write_run_file(tmp_path, "f" * 32)
+    with pytest.raises(ContractError) as err:
+        with tracking.appended_run(tmp_path):
+            pass
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"could not read MLflow run {'f' * 32}")
+    assert uri in message and "reachable" in message
+
+
 def test_champion_moves_only_for_a_better_model(store):
     tmp, params = store
     first = _pipeline_run(tmp, params, "first", 95.0)

@@ -186,12 +186,12 @@ def test_a_remote_password_never_reaches_a_message(origin, tmp_path):
 
 # --- two hosts sharing work through the remotes --------------------------------------------------
 
-def _host(origin: Path, tmp_path: Path, name: str, remote: str) -> tuple[Path, Sharing]:
+def _host(origin: Path, tmp_path: Path, name: str, remote: str | None
+          ) -> tuple[Path, Sharing]:
     """A fresh workspace on host `name`: its own clone and host cache, the shared remote."""
     root = _clone(origin, tmp_path / name / "ws")
     sharing = Sharing(tmp_path / name / "cache", remote)
-    workspace.configure(root, sharing)
-    workspace.check_remote(root, sharing)
+    workspace.prepare(root, sharing)  # what the flow's prepare-workspace task does
     return root, sharing
 
 
@@ -211,14 +211,15 @@ def test_one_host_restores_what_another_computed(origin, tmp_path):
 
     second, sharing = _host(origin, tmp_path, "b", str(remote))
     # the run cache came from the remote, with the run DVC itself leaves out of it (notes.txt:
-    # an uncached output that is no metric)
-    assert workspace.restorable(second, "make")
+    # an uncached output that is no metric); its files come from the remote
+    assert not workspace.restorable(second, "make")  # not in host b's cache yet
+    assert workspace.restorable(second, "make", pull=True)
     _dvc(second, "repro", "--pull", "--single-item", "make")
     assert (second / "notes.txt").read_text() == "made 1"
     assert json.loads(_dvc(second, "status", "--json", "make")) == {}
     assert not workspace.restorable(second, "use")  # a persist output: never run-cached
     assert workspace.matching_experiment(second) == name
-    workspace.restore_experiment(second, name)
+    assert workspace.restore_experiment(second, name, sharing)
     assert json.loads(_dvc(second, "status", "--json")) == {}
     assert (second / "result.txt").read_text() == "1" * 1000
     linked = second / "result.txt"  # from the host cache: a link where the file system allows
@@ -227,6 +228,94 @@ def test_one_host_restores_what_another_computed(origin, tmp_path):
     third, _ = _host(origin, tmp_path, "c", str(remote))
     (third / "params.yaml").write_text("x: 2\n")
     assert workspace.matching_experiment(third) is None  # other parameters
+
+
+def test_a_committed_run_whose_outputs_are_on_the_remote_is_restorable(origin, tmp_path):
+    """dvc.lock records the run (committed, with the uncached files) and the remote holds its
+    cached outputs from a plain `dvc push`, with no run cache: DVC pulls instead of running."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    first, sharing = _host(origin, tmp_path, "a", str(remote))
+    _dvc(first, "repro", "make")
+    _dvc(first, "push")
+    _git(first, "add", "dvc.lock", "notes.txt", "metrics.json", ".gitignore")
+    _git(first, "commit", "-qm", "made")
+    _git(first, "push", "-q", "origin", "HEAD")
+    second, _ = _host(origin, tmp_path, "b", str(remote))
+    assert not (second / "data.txt").exists()
+    assert workspace.restorable(second, "make", pull=True)
+    assert "Running stage" not in _dvc(second, "repro", "--pull", "--single-item", "make")
+    assert (second / "data.txt").read_text() == "1" * 1000
+
+
+def test_a_run_whose_outputs_are_nowhere_is_not_restorable(origin, tmp_path):
+    """The remote's run cache names a run whose files never reached the remote (host a had no
+    remote when it ran): host b cannot restore it, so the stage counts as one that runs."""
+    import shutil
+
+    first, host_a = _host(origin, tmp_path, "a", None)
+    _dvc(first, "repro", "make")
+    workspace.share_run(first, "make", host_a)  # recorded in host a's run cache only
+    remote = tmp_path / "remote"
+    shutil.copytree(host_a.cache / "runs", remote / "runs")  # the record, without the files
+    second, host_b = _host(origin, tmp_path, "b", str(remote))
+    assert not workspace.restorable(second, "make", pull=True)
+    third, _ = _host(origin, tmp_path, "c", None)
+    workspace.configure(third, host_a)  # on host a, the files are in the host cache
+    assert workspace.restorable(third, "make")
+
+
+@pytest.mark.slow
+def test_without_a_dvc_remote_an_experiment_restores_on_its_host_and_runs_again_elsewhere(
+        origin, tmp_path):
+    """BIT_DVC_REMOTE unset: a shared run pushes its experiment to git all the same. A later run
+    of that commit and those parameters on the same host restores it from the host cache; on
+    another host its data is nowhere, so it is not restored, and the stages run again."""
+    first, host_a = _host(origin, tmp_path, "a", None)
+    _dvc(first, "repro")
+    name = experiment_name(nightly=False)
+    workspace.save_experiment(first, name, f"{name}: MLflow run r1")
+    workspace.push_experiment(first, host_a, name)  # to git only
+
+    again = _clone(origin, tmp_path / "a" / "again")
+    workspace.configure(again, host_a)
+    assert workspace.matching_experiment(again) == name
+    assert workspace.restore_experiment(again, name, host_a)
+    assert json.loads(_dvc(again, "status", "--json")) == {}
+
+    elsewhere, host_b = _host(origin, tmp_path, "b", None)
+    assert workspace.matching_experiment(elsewhere) == name
+    assert not workspace.restore_experiment(elsewhere, name, host_b)
+    assert _git(elsewhere, "status", "--porcelain") == ""  # the clone as it was: no dvc.lock
+    assert json.loads(_dvc(elsewhere, "status", "--json"))  # its outputs are missing
+    _dvc(elsewhere, "repro")
+    assert json.loads(_dvc(elsewhere, "status", "--json")) == {}
+    assert (elsewhere / "result.txt").read_text() == "1" * 1000
+
+
+@pytest.mark.slow
+def test_runs_of_a_commit_with_history_share_experiments_from_shallow_clones(origin, tmp_path):
+    """The deployments clone with --depth 1. Once the commit has a parent, a workspace that
+    fetched another run's experiment of that commit (as every shared run does first) must
+    still push its own: DVC's git library drops the clone's shallow marker when it fetches,
+    after which the push looks for the missing parent."""
+    src = tmp_path / "later"
+    subprocess.run(["git", "clone", "-q", str(origin), str(src)], check=True)
+    (src / "README").write_text("a later commit\n")
+    _git(src, "add", "README")
+    _git(src, "commit", "-qm", "later")
+    _git(src, "push", "-q", "origin", "HEAD")
+    names = []
+    for run, x in (("a", 1), ("b", 2)):
+        root, sharing = _host(origin, tmp_path, run, None)
+        (root / "params.yaml").write_text(f"x: {x}\n")  # the run's overrides come first
+        assert workspace.matching_experiment(root) is None  # b fetched a's, of other params
+        _dvc(root, "repro")
+        names.append(experiment_name(nightly=False) + run)
+        workspace.save_experiment(root, names[-1], f"{names[-1]}: MLflow run r{x}")
+        workspace.push_experiment(root, sharing, names[-1])
+    pushed = _git(origin, "for-each-ref", "--format=%(refname:short)", "refs/exps").split()
+    assert sorted(ref.rsplit("/", 1)[1] for ref in pushed) == sorted(names)
 
 
 def test_experiment_names_are_unique_per_run():
