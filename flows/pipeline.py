@@ -44,7 +44,8 @@ Nightly runs (``nightly=True``, what the gpu/npu schedules in prefect.yaml pass)
 Stopping: each stage runs in its own process group. When the flow is cancelled or its process
 is told to stop (SIGTERM, Ctrl-C), the stage gets SIGTERM and up to ``BIT_STOP_GRACE`` seconds
 (default 25, see STOP_GRACE): the fine-tune stage then writes a checkpoint to its resume folder
-(``--resume-dir``, which DVC leaves alone), and the next run continues from it. The flow never forces or cleans the fine-tune stage.
+(``--resume-dir``, which DVC leaves alone), and the next run continues from it. The flow never
+forces or cleans the fine-tune stage.
 """
 
 from __future__ import annotations
@@ -311,8 +312,9 @@ def stage_status(repo: str, stage: str) -> dict:
 
 
 def _restorable(repo: str, stage: str, sharing: workspace.Sharing | None) -> bool:
-    """Whether DVC's run cache (the remote's fetched first, when shared) holds a run of `stage`
-    with its current inputs, so that ``dvc repro`` restores its outputs instead of running it."""
+    """Whether ``dvc repro`` will restore `stage`'s outputs instead of running it: a run with its
+    current inputs is recorded (dvc.lock, or the run cache, the remote's fetched first when
+    shared) and its files are at hand (fetched from the remote when shared)."""
     if sharing:
         workspace.fetch_run_cache(repo, sharing)
     return workspace.restorable(repo, stage, pull=bool(sharing and sharing.remote))
@@ -422,7 +424,7 @@ def record_experiment(repo: str, run_id: str | None, nightly: bool = True,
                       shared: bool = False, logged: bool = True) -> dict:
     """`dvc exp save` (a shared run then pushes its data to the DVC remote and the experiment
     to the git remote); tag the MLflow run with the experiment, unless this flow run logged
-    nothing to it (`logged` False: every stage was restored) and it is tagged already."""
+    nothing to it (`logged` False: no stage that logs to MLflow ran) and it is tagged already."""
     logger = get_run_logger()
     name = experiment_name(nightly)
     rev = workspace.save_experiment(repo, name, f"{name}: MLflow run {run_id}")
