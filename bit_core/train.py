@@ -286,10 +286,15 @@ class Trainer:
         the others have none)."""
         local = None
         if path is not None and Path(path).is_file():
-            local = torch.load(path, map_location="cpu", weights_only=True)
-            refusal = self.resumes(local)
+            try:
+                local = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - cut short (a copy killed midway), or not ours
+                first = (str(err).strip().splitlines() or [""])[0].split(". ")[0][:120]
+                refusal = f"it cannot be read ({type(err).__name__}: {first})"
+            else:
+                refusal = self.resumes(local) if isinstance(local, dict) else "it is no checkpoint"
             if refusal:
-                log.info("not resuming from %s: %s", path, refusal)
+                log.info("not resuming from %s: %s; training from the start", path, refusal)
                 local = None
         checkpoint = self._shared(local) if self.world > 1 else local
         if checkpoint is None:

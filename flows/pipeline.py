@@ -331,7 +331,7 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
     restored = changed and not force and _restorable(repo, stage, sharing)
     pull = ["--pull"] if sharing and sharing.remote else []
     kept = dag.resume_folders(repo, stage) if sharing and changed and not restored else []
-    with workspace.checkpoints_kept(repo, sharing, kept) if kept else nullcontext():
+    with workspace.checkpoints_kept(repo, sharing, stage, kept) if kept else nullcontext():
         code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
                            *pull, stage, env=env)
         if code != 0:  # the stage's own one-line error (stage_main's), else DVC's

@@ -39,7 +39,7 @@ from contextlib import chdir, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bit_core.io import atomic_path
+from bit_core.io import atomic_dir, atomic_path
 from bit_core.redact import redact, split_credentials
 from flows import dag
 from tasks import environment
@@ -315,14 +315,21 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> bool:
 
 
 @contextmanager
-def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> Iterator[None]:
+def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: list[str]
+                     ) -> Iterator[None]:
     """Around a stage with resume folders (the fine-tune's ``--resume-dir``): a run stopped or
-    failed leaves them in the host cache (``<cache>/bit-resume/<commit and parameters>``) and on
-    the DVC remote (``bit-resume/<same>``) instead of in its workspace, which goes with it; the
-    next run of the same commit and parameters, on this host or another, starts with them (the
-    trainer resumes from a checkpoint it accepts). They are forgotten once the stage succeeds."""
+    failed leaves them in the host cache (``<cache>/bit-resume/<inputs>``) and on the DVC remote
+    (``bit-resume/<inputs>``) instead of in its workspace, which goes with it; the next run of
+    the stage with the same inputs, on this host or another, starts with them (the trainer
+    resumes from a checkpoint it accepts). They are forgotten once the stage succeeds.
+
+    The inputs are those of DVC's run cache (the stage's command, the contents of its
+    dependencies, its parameters), so a commit that changes none of them keeps the checkpoint,
+    as it keeps a finished run restorable; when DVC cannot tell them, the commit and params.yaml.
+    """
     root = Path(root)
-    key = hashlib.sha256(head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest()
+    key = _inputs_key(root, stage) or hashlib.sha256(
+        head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest()
     store = sharing.cache / "bit-resume" / key[:16]
     for folder in folders:
         if not _filled(store / folder) and sharing.remote:
@@ -335,9 +342,7 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> 
     except BaseException:
         for folder in folders:
             if _filled(root / folder):
-                shutil.rmtree(store / folder, ignore_errors=True)
-                (store / folder).parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(root / folder, store / folder)  # a rename where it can be
+                _hand_over(root / folder, store / folder)
                 if sharing.remote:
                     _kept_remotely(root, key[:16], folder, store / folder, upload=True)
         raise
@@ -345,6 +350,32 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, folders: list[str]) -> 
     if sharing.remote:
         for folder in folders:
             _kept_remotely(root, key[:16], folder, None, upload=False)
+
+
+def _inputs_key(root: Path, stage: str) -> str | None:
+    """DVC's run-cache key of `stage` (a hash of its command, its dependencies' contents, its
+    parameters and its output paths); None when DVC cannot make one (a dependency missing)."""
+    from dvc.repo import Repo
+    from dvc.stage.cache import _can_hash, _get_stage_hash
+
+    try:
+        with chdir(root), Repo(str(root)) as repo, repo.lock:
+            found = _stage(repo, root, stage)
+            found.save_deps()
+            return _get_stage_hash(found) if _can_hash(found) else None
+    except Exception:  # noqa: BLE001 - the caller falls back to the commit and parameters
+        return None
+
+
+def _hand_over(folder: Path, kept: Path) -> None:
+    """Move `folder` to `kept`, replacing what was there all at once: a rename where one file
+    system holds both, else a copy (which a kill may cut short: the old `kept` then stays)."""
+    with atomic_dir(kept) as staged:
+        try:
+            os.replace(folder, staged)  # onto the empty staging folder
+        except OSError:  # another file system
+            shutil.copytree(folder, staged, dirs_exist_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _filled(folder: Path) -> bool:

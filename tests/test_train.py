@@ -53,6 +53,25 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_an_unreadable_resume_checkpoint_is_passed_over(tmp_path, caplog):
+    """A checkpoint cut short (copied by a process killed midway) or not a checkpoint at all:
+    the run starts from the beginning and says why, instead of failing at every retry."""
+    whole = _trainer(_cfg())
+    whole.fit(tmp_path / "ckpt.pt", until=2)
+    data = (tmp_path / "ckpt.pt").read_bytes()
+    for name, content in (("cut.pt", data[:len(data) // 2]), ("text.pt", b"not a checkpoint")):
+        (tmp_path / name).write_bytes(content)
+        fresh = _trainer(_cfg())
+        with caplog.at_level("INFO", logger="bit"):
+            assert not fresh.resume(tmp_path / name)
+        assert f"not resuming from {tmp_path / name}: it cannot be read" in caplog.text
+        assert fresh.state.step == 0
+    torch.save([1, 2], tmp_path / "list.pt")
+    with caplog.at_level("INFO", logger="bit"):
+        assert not _trainer(_cfg()).resume(tmp_path / "list.pt")
+    assert "it is no checkpoint" in caplog.text
+
+
 def test_where_a_run_executes_does_not_stop_it_resuming_unless_mixup_pairs_by_process():
     """Hosts, processes and their rendezvous are RESUME_NEUTRAL: every layout computes the same
     global batch. Mixup pairs images within each process's share, so there the count matters."""

@@ -347,19 +347,77 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_host_for_the_next_run(orig
     sharing = Sharing(tmp_path / "host-cache")
     first = _clone(origin, tmp_path / "first")
     with pytest.raises(KeyboardInterrupt):
-        with workspace.checkpoints_kept(first, sharing, ["keep"]):
+        with workspace.checkpoints_kept(first, sharing, "use", ["keep"]):
             (first / "keep").mkdir()
             (first / "keep" / "checkpoint.pt").write_text("step 10")
             raise KeyboardInterrupt  # the stage was stopped
     other = _clone(origin, tmp_path / "other")
     (other / "params.yaml").write_text("x: 2\n")
-    with workspace.checkpoints_kept(other, sharing, ["keep"]):
+    with workspace.checkpoints_kept(other, sharing, "use", ["keep"]):
         assert not (other / "keep").exists()  # other parameters: not theirs
     second = _clone(origin, tmp_path / "second")  # a retry: same commit, same parameters
-    with workspace.checkpoints_kept(second, sharing, ["keep"]):
+    with workspace.checkpoints_kept(second, sharing, "use", ["keep"]):
         assert (second / "keep" / "checkpoint.pt").read_text() == "step 10"
-    with workspace.checkpoints_kept(_clone(origin, tmp_path / "third"), sharing, ["keep"]):
+    with workspace.checkpoints_kept(_clone(origin, tmp_path / "third"), sharing, "use",
+                                    ["keep"]):
         assert not (tmp_path / "third" / "keep").exists()  # forgotten once the stage succeeded
+
+
+def test_a_kept_checkpoint_follows_the_stages_inputs_not_the_commit(origin, tmp_path):
+    """Stage `make` reads parameter x: its checkpoint reaches the next run after a commit that
+    changes only the README, and not a run with another x."""
+    sharing = Sharing(tmp_path / "host-cache")
+    first = _clone(origin, tmp_path / "first")
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.checkpoints_kept(first, sharing, "make", ["keep"]):
+            (first / "keep").mkdir()
+            (first / "keep" / "checkpoint.pt").write_text("step 10")
+            raise KeyboardInterrupt
+    edit = _clone(origin, tmp_path / "edit")
+    (edit / "README").write_text("words\n")
+    _git(edit, "add", "README")
+    _git(edit, "commit", "-qm", "docs")
+    _git(edit, "push", "-q", "origin", "HEAD")
+    other = _clone(origin, tmp_path / "other")
+    (other / "params.yaml").write_text("x: 2\n")
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.checkpoints_kept(other, sharing, "make", ["keep"]):
+            assert not (other / "keep").exists()  # another input
+            raise KeyboardInterrupt  # stopped too, before writing a checkpoint
+    later = _clone(origin, tmp_path / "later")
+    assert workspace.head(later) != workspace.head(first)
+    with workspace.checkpoints_kept(later, sharing, "make", ["keep"]):
+        assert (later / "keep" / "checkpoint.pt").read_text() == "step 10"
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["one file system", "two"])
+def test_the_hand_over_replaces_the_kept_folder_whole(tmp_path, elsewhere):
+    """The stopped run's folder replaces the one kept before it, by a rename, or by a copy when
+    the host cache is on another file system (here tmpfs)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/dev/shm")) if elsewhere else tmp_path / "cache"
+    try:
+        if elsewhere and base.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("/dev/shm is on the same file system here")
+        kept = base / "bit-resume" / "k" / "models" / "resume"
+        kept.mkdir(parents=True)
+        (kept / "checkpoint.pt").write_text("step 4")
+        (kept / "stale.json").write_text("{}")
+        folder = tmp_path / "ws" / "models" / "resume"
+        (folder / "sub").mkdir(parents=True)
+        (folder / "checkpoint.pt").write_text("step 10")
+        (folder / "sub" / "run.json").write_text("{}")
+        workspace._hand_over(folder, kept)
+        assert not folder.exists()
+        assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == [
+            "checkpoint.pt", "sub", "sub/run.json"]
+        assert (kept / "checkpoint.pt").read_text() == "step 10"
+        assert [p.name for p in kept.parent.iterdir()] == ["resume"]  # no staging folder left
+    finally:
+        if elsewhere:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_another_host(
@@ -371,7 +429,7 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
     first = _clone(origin, tmp_path / "first")
     workspace.configure(first, host_a)
     with pytest.raises(RuntimeError):
-        with workspace.checkpoints_kept(first, host_a, ["keep"]):
+        with workspace.checkpoints_kept(first, host_a, "use", ["keep"]):
             (first / "keep" / "sub").mkdir(parents=True)
             (first / "keep" / "checkpoint.pt").write_bytes(b"\x00step 10")
             (first / "keep" / "sub" / "run.json").write_text("{}")
@@ -380,7 +438,7 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
     assert len(kept) == 2 and all(p.startswith("bit-resume/") for p in kept)
     retry = _clone(origin, tmp_path / "retry")  # same commit and parameters, on host b
     workspace.configure(retry, host_b)
-    with workspace.checkpoints_kept(retry, host_b, ["keep"]):
+    with workspace.checkpoints_kept(retry, host_b, "use", ["keep"]):
         assert (retry / "keep" / "checkpoint.pt").read_bytes() == b"\x00step 10"
         assert (retry / "keep" / "sub" / "run.json").read_text() == "{}"
     assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded
