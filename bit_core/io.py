@@ -81,11 +81,13 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
     if final.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=final.parent))
         os.replace(final, old / final.name)
+    os.replace(tmp, final)  # the new one in place before the old one is deleted
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 

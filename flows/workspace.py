@@ -39,6 +39,7 @@ from contextlib import chdir, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bit_core.contracts import CHECKPOINT
 from bit_core.io import atomic_dir, atomic_path
 from bit_core.redact import redact, split_credentials
 from flows import dag
@@ -341,8 +342,8 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
         yield
     except BaseException:
         for folder in folders:
-            if _filled(root / folder):
-                _hand_over(root / folder, store / folder)
+            if (root / folder / CHECKPOINT).is_file():  # else the kept one stays (a run that
+                _hand_over(root / folder, store / folder)  # failed after training, say)
                 if sharing.remote:
                     _kept_remotely(root, key[:16], folder, store / folder, upload=True)
         raise
@@ -356,26 +357,31 @@ def _inputs_key(root: Path, stage: str) -> str | None:
     """DVC's run-cache key of `stage` (a hash of its command, its dependencies' contents, its
     parameters and its output paths); None when DVC cannot make one (a dependency missing)."""
     from dvc.repo import Repo
-    from dvc.stage.cache import _can_hash, _get_stage_hash
+    from dvc.stage.cache import _get_cache_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
 
     try:
         with chdir(root), Repo(str(root)) as repo, repo.lock:
             found = _stage(repo, root, stage)
-            found.save_deps()
-            return _get_stage_hash(found) if _can_hash(found) else None
-    except Exception:  # noqa: BLE001 - the caller falls back to the commit and parameters
+            found.save_deps()  # one walk of each dependency (DVC's own check walks them again)
+            if not all(dep.hash_info for dep in found.deps):
+                return None
+            return _get_cache_hash(to_single_stage_lockfile(found), key=True)
+    except Exception as err:  # noqa: BLE001 - the caller falls back to the commit and parameters
+        log.warning(redact(f"the inputs of {stage} could not be hashed ({err}): its checkpoint "
+                           "is kept under the commit and params.yaml instead"))
         return None
 
 
 def _hand_over(folder: Path, kept: Path) -> None:
     """Move `folder` to `kept`, replacing what was there all at once: a rename where one file
-    system holds both, else a copy (which a kill may cut short: the old `kept` then stays)."""
+    system holds both, else a copy (which a kill may cut short: the old `kept` then stays; the
+    workspace, with `folder`, goes with the run)."""
     with atomic_dir(kept) as staged:
         try:
             os.replace(folder, staged)  # onto the empty staging folder
         except OSError:  # another file system
             shutil.copytree(folder, staged, dirs_exist_ok=True)
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _filled(folder: Path) -> bool:
@@ -392,17 +398,20 @@ def _kept_remotely(root: Path, key: str, folder: str, local: Path | None, upload
         with Repo(str(root)) as repo:
             remote = repo.cloud.get_remote()
         fs, there = remote.fs, remote.fs.join(remote.path, "bit-resume", key, folder)
-        if local is None:
-            if fs.exists(there):
+        if local is None or upload:
+            if fs.exists(there):  # no old file stays beside the new ones
                 fs.rm(there, recursive=True)
-        elif upload:
-            for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        if upload:  # the checkpoint last: an upload cut short leaves none, not a stale one
+            files = sorted((p for p in local.rglob("*") if p.is_file()),
+                           key=lambda p: (p.name == CHECKPOINT, str(p)))
+            for path in files:
                 fs.put_file(str(path), fs.join(there, *path.relative_to(local).parts))
-        elif fs.exists(there):
-            for path in fs.find(there):
-                target = local / Path(fs.relpath(path, there))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(path, str(target))
+        elif local is not None and fs.exists(there):
+            with atomic_dir(local) as staged:  # `local` appears whole or not at all
+                for path in fs.find(there):
+                    target = staged / Path(fs.relpath(path, there))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(path, str(target))
     except Exception as err:  # noqa: BLE001 - see above
         log.warning(redact(f"keeping {folder} on the DVC remote failed: {err}"))
 

@@ -8,6 +8,7 @@ pipeline: what is checked is how workspaces share, not what the stages compute.
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 import time
@@ -355,6 +356,12 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_host_for_the_next_run(orig
     (other / "params.yaml").write_text("x: 2\n")
     with workspace.checkpoints_kept(other, sharing, "use", ["keep"]):
         assert not (other / "keep").exists()  # other parameters: not theirs
+    failed = _clone(origin, tmp_path / "failed")  # failed after training: no checkpoint left
+    with pytest.raises(RuntimeError):
+        with workspace.checkpoints_kept(failed, sharing, "use", ["keep"]):
+            (failed / "keep" / "checkpoint.pt").unlink()  # moved to the finished model
+            (failed / "keep" / "README.txt").write_text("what this folder is")
+            raise RuntimeError("logging the model failed")
     second = _clone(origin, tmp_path / "second")  # a retry: same commit, same parameters
     with workspace.checkpoints_kept(second, sharing, "use", ["keep"]):
         assert (second / "keep" / "checkpoint.pt").read_text() == "step 10"
@@ -410,7 +417,7 @@ def test_the_hand_over_replaces_the_kept_folder_whole(tmp_path, elsewhere):
         (folder / "checkpoint.pt").write_text("step 10")
         (folder / "sub" / "run.json").write_text("{}")
         workspace._hand_over(folder, kept)
-        assert not folder.exists()
+        assert folder.exists() == elsewhere  # a copy leaves it to go with the workspace
         assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*")) == [
             "checkpoint.pt", "sub", "sub/run.json"]
         assert (kept / "checkpoint.pt").read_text() == "step 10"
@@ -436,9 +443,20 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
             raise RuntimeError("lost node 1")  # the stage failed
     kept = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
     assert len(kept) == 2 and all(p.startswith("bit-resume/") for p in kept)
+    again = _clone(origin, tmp_path / "again")  # stopped again on host a, with fewer files
+    workspace.configure(again, host_a)
+    with pytest.raises(RuntimeError):
+        with workspace.checkpoints_kept(again, host_a, "use", ["keep"]):
+            shutil.rmtree(again / "keep" / "sub")
+            (again / "keep" / "checkpoint.pt").write_bytes(b"\x00step 12")
+            raise RuntimeError("lost node 1")
+    kept = sorted(p.name for p in remote.rglob("*") if p.is_file())
+    assert kept == ["checkpoint.pt"]  # the remote copy was replaced, not added to
     retry = _clone(origin, tmp_path / "retry")  # same commit and parameters, on host b
     workspace.configure(retry, host_b)
     with workspace.checkpoints_kept(retry, host_b, "use", ["keep"]):
-        assert (retry / "keep" / "checkpoint.pt").read_bytes() == b"\x00step 10"
-        assert (retry / "keep" / "sub" / "run.json").read_text() == "{}"
+        assert (retry / "keep" / "checkpoint.pt").read_bytes() == b"\x00step 12"
+        assert not (retry / "keep" / "sub").exists()
+        downloaded = [p.name for p in (host_b.cache / "bit-resume").rglob("*keep*")]
+        assert downloaded == ["keep"]  # in place whole, no staging folder left
     assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded
