@@ -344,14 +344,18 @@ def test_a_shared_run_refuses_a_used_workspace(origin, tmp_path):
 
 
 
+def _stopped_at_step_10(root: Path, sharing: Sharing, stage: str) -> None:
+    """`stage` ran in `root`, wrote a checkpoint in its resume folder `keep`, and was stopped."""
+    with pytest.raises(KeyboardInterrupt):
+        with workspace.checkpoints_kept(root, sharing, stage, ["keep"]):
+            (root / "keep").mkdir()
+            (root / "keep" / "checkpoint.pt").write_text("step 10")
+            raise KeyboardInterrupt
+
+
 def test_a_stopped_stage_leaves_its_checkpoint_on_the_host_for_the_next_run(origin, tmp_path):
     sharing = Sharing(tmp_path / "host-cache")
-    first = _clone(origin, tmp_path / "first")
-    with pytest.raises(KeyboardInterrupt):
-        with workspace.checkpoints_kept(first, sharing, "use", ["keep"]):
-            (first / "keep").mkdir()
-            (first / "keep" / "checkpoint.pt").write_text("step 10")
-            raise KeyboardInterrupt  # the stage was stopped
+    _stopped_at_step_10(_clone(origin, tmp_path / "first"), sharing, "use")
     other = _clone(origin, tmp_path / "other")
     (other / "params.yaml").write_text("x: 2\n")
     with workspace.checkpoints_kept(other, sharing, "use", ["keep"]):
@@ -375,11 +379,7 @@ def test_a_kept_checkpoint_follows_the_stages_inputs_not_the_commit(origin, tmp_
     changes only the README, and not a run with another x."""
     sharing = Sharing(tmp_path / "host-cache")
     first = _clone(origin, tmp_path / "first")
-    with pytest.raises(KeyboardInterrupt):
-        with workspace.checkpoints_kept(first, sharing, "make", ["keep"]):
-            (first / "keep").mkdir()
-            (first / "keep" / "checkpoint.pt").write_text("step 10")
-            raise KeyboardInterrupt
+    _stopped_at_step_10(first, sharing, "make")
     edit = _clone(origin, tmp_path / "edit")
     (edit / "README").write_text("words\n")
     _git(edit, "add", "README")
