@@ -39,6 +39,21 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dvc_site_cache_in_pytest_temp(tmp_path_factory):
+    """DVC keeps an index and hash database per repository in its site cache (by default
+    /var/tmp/dvc/repo/<hash of the path>, up to tens of MB each): the repositories the tests
+    make keep theirs under pytest's temporary folder, which goes with them."""
+    folder = tmp_path_factory.getbasetemp() / "dvc-site-cache"
+    previous = os.environ.get("DVC_SITE_CACHE_DIR")
+    os.environ["DVC_SITE_CACHE_DIR"] = str(folder)
+    yield
+    if previous is None:
+        os.environ.pop("DVC_SITE_CACHE_DIR", None)
+    else:
+        os.environ["DVC_SITE_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _sys_path_kept():
     """Loading a registered model puts its code folder (a copy of bit_core's serving part) first
