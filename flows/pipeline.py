@@ -311,7 +311,7 @@ def stage_status(repo: str, stage: str) -> dict:
     return workspace.status(repo, stage)
 
 
-def _restorable(repo: str, stage: str, sharing: workspace.Sharing | None) -> bool:
+def _restorable(repo: str, stage: str, sharing: workspace.Sharing | None) -> workspace.Restore:
     """Whether ``dvc repro`` will restore `stage`'s outputs instead of running it: a run with its
     current inputs is recorded (dvc.lock, or the run cache, the remote's fetched first when
     shared) and its files are at hand (fetched from the remote when shared)."""
@@ -321,17 +321,25 @@ def _restorable(repo: str, stage: str, sharing: workspace.Sharing | None) -> boo
 
 
 def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
-               env: dict[str, str] | None = None) -> dict:
+               env: dict[str, str] | None = None,
+               known: workspace.Restore | None = None) -> dict:
     """Bring one DVC stage up to date; return whether its command ran or DVC restored its
     outputs (a run with the same inputs in the run cache, on this host or, when shared, on the
     DVC remote). A shared run pushes the stage's outputs at once, for the other hosts, and keeps
-    a stopped fine-tune's checkpoint on the host for the next run (its workspace goes)."""
+    a stopped fine-tune's checkpoint on the host for the next run (its workspace goes).
+
+    `known`: what :func:`_restorable` answered for the changed stage just before, not asked
+    again (it fetches the remote's run cache and walks the stage's dependencies)."""
     sharing = workspace.Sharing.from_env() if shared else None
-    changed = force or bool(stage_status(repo, stage))
-    restored = changed and not force and _restorable(repo, stage, sharing)
+    changed = force or known is not None or bool(stage_status(repo, stage))
+    if force or not changed:
+        restore = workspace.Restore(False)
+    else:
+        restore = known if known is not None else _restorable(repo, stage, sharing)
     pull = ["--pull"] if sharing and sharing.remote else []
-    kept = dag.resume_folders(repo, stage) if sharing and changed and not restored else []
-    with workspace.checkpoints_kept(repo, sharing, stage, kept) if kept else nullcontext():
+    kept = dag.resume_folders(repo, stage) if sharing and changed and not restore else []
+    with workspace.checkpoints_kept(repo, sharing, stage, kept, restore.key) if kept else \
+            nullcontext():
         code, output = dvc(repo, "repro", "--single-item", *(["--force"] if force else []),
                            *pull, stage, env=env)
         if code != 0:  # the stage's own one-line error (stage_main's), else DVC's
@@ -341,13 +349,13 @@ def _run_stage(stage: str, repo: str, force: bool = False, shared: bool = False,
             raise StageError(f"stage {stage} failed: {(errors or [output[-300:]])[-1]}")
     if sharing and changed:
         workspace.share_run(repo, stage, sharing)
-    return {"stage": stage, "ran": changed and not restored, "restored": restored}
+    return {"stage": stage, "ran": changed and not restore, "restored": restore.restored}
 
 
 @task(name="run-stage", task_run_name="{stage}")
-def run_stage(stage: str, repo: str, shared: bool = False,
-              env: dict[str, str] | None = None) -> dict:
-    return _run_stage(stage, repo, shared=shared, env=env)
+def run_stage(stage: str, repo: str, shared: bool = False, env: dict[str, str] | None = None,
+              known: workspace.Restore | None = None) -> dict:
+    return _run_stage(stage, repo, shared=shared, env=env, known=known)
 
 
 @task(name="run-io-stage", task_run_name="{stage}", retries=2, retry_delay_seconds=10)
@@ -510,12 +518,15 @@ def _run_pipeline(repo: str, params: dict, shared: bool,
             results.append(run_io_stage(stage, repo, shared=shared))
         elif stage == TRAIN_STAGE:
             train = run_stage.with_options(tags={train_tag})
-            if plan is None or not stage_status(repo, stage) or \
-                    _restorable(repo, stage, workspace.Sharing.from_env()):
+            if plan is None or not stage_status(repo, stage):
                 results.append(train(stage, repo, shared=shared))  # no other node needed
                 continue
+            known = _restorable(repo, stage, workspace.Sharing.from_env() if shared else None)
+            if known:
+                results.append(train(stage, repo, shared=shared, known=known))
+                continue
             with node_runs.other_nodes(params, plan) as env:
-                results.append(train(stage, repo, shared=shared, env=env))
+                results.append(train(stage, repo, shared=shared, env=env, known=known))
         else:
             results.append(run_stage(stage, repo, shared=shared))
     return results

@@ -53,6 +53,7 @@ REMOTE = "bit"  # the DVC remote's name in the workspace
 GIT_REMOTE = "origin"  # where the workspace was cloned from
 # Links from the host cache; a copy only where the file system allows no link.
 LINKS = "reflink,hardlink,symlink,copy"
+KEPT = "kept.json"  # in a kept resume folder: which copy it is (its generation)
 USERINFO_SCHEMES = {"http", "https", "webdav", "webdavs", "ssh"}  # remotes that take user/password
 BASIC_AUTH_SCHEMES = {"http", "https"}
 REMOTE_FIX = (f"check {REMOTE_ENV} and the remote's credentials in the worker's environment "
@@ -273,11 +274,25 @@ def _stage(repo, root: str | Path, name: str):
     return repo.stage.collect(f"{Path(root).resolve() / 'dvc.yaml'}:{name}")[0]
 
 
-def restorable(root: str | Path, stage: str, pull: bool = False) -> bool:
+@dataclass(frozen=True)
+class Restore:
+    """What ``dvc repro`` will do with a stage: restore its outputs (`restored`) or run it; and
+    its run-cache key (a hash of its command, its dependencies' contents, its parameters and
+    its output paths), None when DVC cannot make one. True when the outputs will be restored."""
+
+    restored: bool
+    key: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.restored
+
+
+def restorable(root: str | Path, stage: str, pull: bool = False) -> Restore:
     """Whether ``dvc repro`` (``dvc repro --pull`` with `pull`) will restore the outputs of
     `stage` instead of running its command: DVC's run cache holds a run with its current inputs
     (or dvc.lock records one), and that run's outputs are in the host cache, after fetching them
-    from the remote with `pull`.
+    from the remote with `pull`. The stage's run-cache key comes with the answer, from the same
+    walk of its dependencies.
 
     DVC decides this only inside ``dvc repro`` (and says so only in its log), so the same steps
     are taken here through its API; with `pull` the outputs are fetched now rather than by
@@ -285,7 +300,7 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> bool:
     whose inputs are not all there yet answer False.
     """
     from dvc.repo import Repo
-    from dvc.stage.cache import _can_hash
+    from dvc.stage.cache import _can_hash, _get_cache_hash
     from dvc.stage.serialize import to_single_stage_lockfile
 
     try:
@@ -295,62 +310,72 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> bool:
                 for objs in found.get_used_objs().values():  # them (the cached ones) and
                     repo.cloud.pull(objs)  # checks them out, falling back to the run cache
                 if all(not out.changed_cache() for out in found.outs if out.use_cache):
-                    return True
+                    return Restore(True)
             if not _can_hash(found):
-                return False
+                return Restore(False)
             if not found.changed_stage() and found.deps_cached() and \
                     all(out.hash_info for out in found.outs):
                 run = to_single_stage_lockfile(found)  # the run dvc.lock records
             else:
                 found.save_deps()
                 run = repo.stage_cache._load(found)  # noqa: SLF001
-                if not run:
-                    return False
+            # from the hashes just read or saved: no further walk of the dependencies
+            key = _get_cache_hash(to_single_stage_lockfile(found), key=True)
+            if not run:
+                return Restore(False, key)
             cached = repo.stage_cache._create_stage(run, wdir=found.wdir)  # noqa: SLF001
             if pull:
                 for objs in cached.get_used_objs().values():
                     repo.cloud.pull(objs)
-            return cached.outs_cached()
-    except Exception:  # noqa: BLE001 - when in doubt, the stage runs
-        return False
+            return Restore(cached.outs_cached(), key)
+    except Exception as err:  # noqa: BLE001 - when in doubt, the stage runs
+        log.debug("%s", redact(f"whether {stage} will be restored is unknown ({err})"))
+        return Restore(False)
 
 
 @contextmanager
-def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: list[str]
-                     ) -> Iterator[None]:
+def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: list[str],
+                     key: str | None = None) -> Iterator[None]:
     """Around a stage with resume folders (the fine-tune's ``--resume-dir``): a run stopped or
     failed leaves them in the host cache (``<cache>/bit-resume/<inputs>``) and on the DVC remote
     (``bit-resume/<inputs>``) instead of in its workspace, which goes with it; the next run of
     the stage with the same inputs, on this host or another, starts with them (the trainer
     resumes from a checkpoint it accepts). They are forgotten once the stage succeeds.
 
+    Each kept copy records its generation (:data:`KEPT`), one more than the copy its run
+    started with, so a run starts with the newer of the host's and the remote's copy, and a copy
+    that only this host holds (its upload cut short by a cancel) goes to the remote then.
+
     The inputs are those of DVC's run cache (the stage's command, the contents of its
     dependencies, its parameters), so a commit that changes none of them keeps the checkpoint,
-    as it keeps a finished run restorable; when DVC cannot tell them, the commit and params.yaml.
+    as it keeps a finished run restorable (`key`, as :func:`restorable` found it, or worked
+    out here); when DVC cannot tell them, the commit and params.yaml.
     """
     root = Path(root)
-    key = _inputs_key(root, stage) or hashlib.sha256(
-        head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest()
-    store = sharing.cache / "bit-resume" / key[:16]
+    key = (key or _inputs_key(root, stage) or hashlib.sha256(
+        head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest())[:16]
+    store = sharing.cache / "bit-resume" / key
+    remote = _KeptRemotely(root, key) if sharing.remote else None
     for folder in folders:
-        if not _filled(store / folder) and sharing.remote:
-            _kept_remotely(root, key[:16], folder, store / folder, upload=False)
-        if _filled(store / folder):
+        if remote:
+            remote.newest(folder, store / folder)
+        if _generation(store / folder) is not None:
             shutil.rmtree(root / folder, ignore_errors=True)
             shutil.copytree(store / folder, root / folder)
     try:
         yield
     except BaseException:
         for folder in folders:
-            if (root / folder / CHECKPOINT).is_file():  # else the kept one stays (a run that
-                _hand_over(root / folder, store / folder)  # failed after training, say)
-                if sharing.remote:
-                    _kept_remotely(root, key[:16], folder, store / folder, upload=True)
+            started_from = _generation(root / folder)  # None: no checkpoint, and the kept one
+            if started_from is not None:  # stays (a run that failed after training, say)
+                (root / folder / KEPT).write_text(json.dumps({"generation": started_from + 1}))
+                _hand_over(root / folder, store / folder)
+                if remote:
+                    remote.upload(folder, store / folder)
         raise
     shutil.rmtree(store, ignore_errors=True)
-    if sharing.remote:
-        for folder in folders:
-            _kept_remotely(root, key[:16], folder, None, upload=False)
+    for folder in folders if remote else []:
+        remote.remove(folder)
 
 
 def _inputs_key(root: Path, stage: str) -> str | None:
@@ -384,36 +409,82 @@ def _hand_over(folder: Path, kept: Path) -> None:
             shutil.copytree(folder, staged, dirs_exist_ok=True)
 
 
-def _filled(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.iterdir())
-
-
-def _kept_remotely(root: Path, key: str, folder: str, local: Path | None, upload: bool) -> None:
-    """Copy a kept folder to the DVC remote (`upload`), from it into `local`, or remove it
-    there (`local` None). Best effort: a remote that fails here costs the next run its head
-    start on another host, not its result, so the failure is logged, not raised."""
-    from dvc.repo import Repo
-
+def _generation(folder: Path) -> int | None:
+    """Which copy of a kept folder `folder` holds: each hand-over records one more than the copy
+    its run started with (none: 0), so of two copies the newer has the higher generation; None
+    when `folder` holds no checkpoint."""
+    if not (folder / CHECKPOINT).is_file():
+        return None
     try:
-        with Repo(str(root)) as repo:
+        return int(json.loads((folder / KEPT).read_text())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+class _KeptRemotely:
+    """The kept folders of one key on the DVC remote (``bit-resume/<key>/<folder>``). Best
+    effort: a remote that fails here costs the next run its head start on another host, not its
+    result, so each failure is logged, not raised."""
+
+    def __init__(self, root: Path, key: str):
+        self.root, self.key = root, key
+
+    def _at(self, folder: str) -> tuple:
+        """The remote's file system, and where on it `folder` is kept."""
+        from dvc.repo import Repo
+
+        with Repo(str(self.root)) as repo:
             remote = repo.cloud.get_remote()
-        fs, there = remote.fs, remote.fs.join(remote.path, "bit-resume", key, folder)
-        if local is None or upload:
-            if fs.exists(there):  # no old file stays beside the new ones
+        return remote.fs, remote.fs.join(remote.path, "bit-resume", self.key, folder)
+
+    def newest(self, folder: str, local: Path) -> None:
+        """Leave the newer of the host's and the remote's copy in both: download the remote's
+        when it is newer (another host's run went on from this one's) and upload the host's
+        when the remote has an older one or none (an upload that a cancel cut short)."""
+        try:
+            fs, there = self._at(folder)
+            theirs, mine = None, _generation(local)
+            if fs.exists(fs.join(there, CHECKPOINT)):  # uploaded last: the copy is whole
+                try:
+                    theirs = int(json.loads(fs.cat_file(fs.join(there, KEPT)))["generation"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    theirs = 0
+            if theirs is not None and (mine is None or theirs > mine):
+                with atomic_dir(local) as staged:  # `local` appears whole or not at all
+                    for path in fs.find(there):
+                        target = staged / Path(fs.relpath(path, there))
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        fs.get_file(path, str(target))
+            elif mine is not None and (theirs is None or mine > theirs):
+                self._put(fs, there, local)
+        except Exception as err:  # noqa: BLE001 - see the class
+            log.warning(redact(f"comparing {folder} with its copy on the DVC remote failed: "
+                               f"{err}"))
+
+    def upload(self, folder: str, local: Path) -> None:
+        try:
+            self._put(*self._at(folder), local)
+        except Exception as err:  # noqa: BLE001 - see the class
+            log.warning(redact(f"keeping {folder} on the DVC remote failed: {err}"))
+
+    def remove(self, folder: str) -> None:
+        try:
+            fs, there = self._at(folder)
+            if fs.exists(there):
                 fs.rm(there, recursive=True)
-        if upload:  # the checkpoint last: an upload cut short leaves none, not a stale one
-            files = sorted((p for p in local.rglob("*") if p.is_file()),
-                           key=lambda p: (p.name == CHECKPOINT, str(p)))
-            for path in files:
-                fs.put_file(str(path), fs.join(there, *path.relative_to(local).parts))
-        elif local is not None and fs.exists(there):
-            with atomic_dir(local) as staged:  # `local` appears whole or not at all
-                for path in fs.find(there):
-                    target = staged / Path(fs.relpath(path, there))
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    fs.get_file(path, str(target))
-    except Exception as err:  # noqa: BLE001 - see above
-        log.warning(redact(f"keeping {folder} on the DVC remote failed: {err}"))
+        except Exception as err:  # noqa: BLE001 - see the class
+            log.warning(redact(f"removing {folder} from the DVC remote failed: {err}"))
+
+    @staticmethod
+    def _put(fs, there: str, local: Path) -> None:
+        """Replace the remote copy: the old one is removed first (no stale file stays beside
+        the new ones) and the checkpoint goes last (a cut-short upload leaves none)."""
+        if fs.exists(there):
+            fs.rm(there, recursive=True)
+        files = sorted((p for p in local.rglob("*") if p.is_file()),
+                       key=lambda p: (p.name == CHECKPOINT, str(p)))
+        for path in files:
+            fs.put_file(str(path), fs.join(there, *path.relative_to(local).parts))
 
 
 # --- experiments -------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class Stage:
                    "--splits", str(self.inputs / "data/prepared"),
                    "--weights", str(self.inputs / "models/pretrained"), "--out", str(run / "out"),
                    "--reports", str(run / "reports"), "--resume-dir", str(run / "resume")]
-        env = {**os.environ, **self.env, "BIT_PARAMS": str(params),
+        (run / "tmp").mkdir(exist_ok=True)  # what a SIGKILLed launcher leaves stays in the run
+        env = {**os.environ, **self.env, "BIT_PARAMS": str(params), "TMPDIR": str(run / "tmp"),
                "MLFLOW_TRACKING_URI": self.tracking_uri, MARK: str(run)}
         with open(run / "stdout.txt", "w") as out, open(run / "stderr.txt", "w") as err:
             process = subprocess.Popen(command, cwd=run, env=env, stdout=out, stderr=err,

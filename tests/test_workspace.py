@@ -7,6 +7,7 @@ pipeline: what is checked is how workspaces share, not what the stages compute.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import stat
@@ -260,10 +261,13 @@ def test_a_run_whose_outputs_are_nowhere_is_not_restorable(origin, tmp_path):
     remote = tmp_path / "remote"
     shutil.copytree(host_a.cache / "runs", remote / "runs")  # the record, without the files
     second, host_b = _host(origin, tmp_path, "b", str(remote))
-    assert not workspace.restorable(second, "make", pull=True)
+    answer = workspace.restorable(second, "make", pull=True)
+    # the run-cache key comes with the answer: the one a kept checkpoint of the stage goes by
+    assert not answer and answer.key == workspace._inputs_key(second, "make") is not None
     third, _ = _host(origin, tmp_path, "c", None)
     workspace.configure(third, host_a)  # on host a, the files are in the host cache
-    assert workspace.restorable(third, "make")
+    answer = workspace.restorable(third, "make")
+    assert answer and answer.key == workspace._inputs_key(third, "make")
 
 
 @pytest.mark.slow
@@ -442,7 +446,7 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
             (first / "keep" / "sub" / "run.json").write_text("{}")
             raise RuntimeError("lost node 1")  # the stage failed
     kept = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
-    assert len(kept) == 2 and all(p.startswith("bit-resume/") for p in kept)
+    assert len(kept) == 3 and all(p.startswith("bit-resume/") for p in kept)
     again = _clone(origin, tmp_path / "again")  # stopped again on host a, with fewer files
     workspace.configure(again, host_a)
     with pytest.raises(RuntimeError):
@@ -451,7 +455,7 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
             (again / "keep" / "checkpoint.pt").write_bytes(b"\x00step 12")
             raise RuntimeError("lost node 1")
     kept = sorted(p.name for p in remote.rglob("*") if p.is_file())
-    assert kept == ["checkpoint.pt"]  # the remote copy was replaced, not added to
+    assert kept == ["checkpoint.pt", workspace.KEPT]  # the remote copy was replaced whole
     retry = _clone(origin, tmp_path / "retry")  # same commit and parameters, on host b
     workspace.configure(retry, host_b)
     with workspace.checkpoints_kept(retry, host_b, "use", ["keep"]):
@@ -460,3 +464,42 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
         downloaded = [p.name for p in (host_b.cache / "bit-resume").rglob("*keep*")]
         assert downloaded == ["keep"]  # in place whole, no staging folder left
     assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded
+
+
+def test_a_run_starts_with_the_newest_kept_checkpoint_and_the_remote_gets_it(origin, tmp_path):
+    """Host a stops at step 10; host b goes on from there and stops at step 12: a retry on host a
+    starts at 12, not with its own older copy. A copy whose upload a cancel cut short (the
+    checkpoint, sent last, missing on the remote) is not taken, and goes up from the host that
+    has it at its next run."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    host_a = Sharing(tmp_path / "cache-a", str(remote))
+    host_b = Sharing(tmp_path / "cache-b", str(remote))
+
+    def run(name: str, host: Sharing, writes: str | None) -> str | None:
+        """A run of stage `use` on `host`: what it started with; it writes `writes` and stops."""
+        root = _clone(origin, tmp_path / name)
+        workspace.configure(root, host)
+        with contextlib.suppress(KeyboardInterrupt):
+            with workspace.checkpoints_kept(root, host, "use", ["keep"]):
+                found = root / "keep" / "checkpoint.pt"
+                started = found.read_text() if found.is_file() else None
+                if writes:
+                    found.parent.mkdir(exist_ok=True)
+                    found.write_text(writes)
+                raise KeyboardInterrupt
+        return started
+
+    assert run("a1", host_a, "step 10") is None
+    assert run("b1", host_b, "step 12") == "step 10"
+    assert run("a2", host_a, None) == "step 12"  # the remote's copy is newer than host a's
+
+    on_remote, = remote.glob("bit-resume/*/keep/checkpoint.pt")
+    on_remote.unlink()  # host a's last upload was cut short
+    assert run("c1", Sharing(tmp_path / "cache-c", str(remote)), None) is None  # not whole
+    a3 = _clone(origin, tmp_path / "a3")
+    workspace.configure(a3, host_a)
+    with workspace.checkpoints_kept(a3, host_a, "use", ["keep"]):
+        assert (a3 / "keep" / "checkpoint.pt").read_text() == "step 12"
+        assert on_remote.read_text() == "step 12"  # sent again, from host a's cache
+    assert not list(remote.rglob("*.pt"))  # forgotten once the stage succeeded
