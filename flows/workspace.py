@@ -53,7 +53,7 @@ REMOTE = "bit"  # the DVC remote's name in the workspace
 GIT_REMOTE = "origin"  # where the workspace was cloned from
 # Links from the host cache; a copy only where the file system allows no link.
 LINKS = "reflink,hardlink,symlink,copy"
-KEPT = "kept.json"  # in a kept resume folder: which copy it is (its generation)
+KEPT = "kept.json"  # in a kept resume folder: the training step its checkpoint was written at
 USERINFO_SCHEMES = {"http", "https", "webdav", "webdavs", "ssh"}  # remotes that take user/password
 BASIC_AUTH_SCHEMES = {"http", "https"}
 REMOTE_FIX = (f"check {REMOTE_ENV} and the remote's credentials in the worker's environment "
@@ -313,14 +313,14 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> Restore:
                     return Restore(True)
             if not _can_hash(found):
                 return Restore(False)
-            if not found.changed_stage() and found.deps_cached() and \
-                    all(out.hash_info for out in found.outs):
-                run = to_single_stage_lockfile(found)  # the run dvc.lock records
-            else:
-                found.save_deps()
-                run = repo.stage_cache._load(found)  # noqa: SLF001
-            # from the hashes just read or saved: no further walk of the dependencies
+            locked = not found.changed_stage() and found.deps_cached() and \
+                all(out.hash_info for out in found.outs)
+            run = to_single_stage_lockfile(found) if locked else None  # the run dvc.lock records
+            # The key from the hashes as a new run records them, which can differ from dvc.lock's
+            # (file metadata, `1` for `1.0`); DVC's state database makes this hashing cheap.
+            found.save_deps()
             key = _get_cache_hash(to_single_stage_lockfile(found), key=True)
+            run = run or repo.stage_cache._load(found)  # noqa: SLF001
             if not run:
                 return Restore(False, key)
             cached = repo.stage_cache._create_stage(run, wdir=found.wdir)  # noqa: SLF001
@@ -342,9 +342,9 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
     the stage with the same inputs, on this host or another, starts with them (the trainer
     resumes from a checkpoint it accepts). They are forgotten once the stage succeeds.
 
-    Each kept copy records its generation (:data:`KEPT`), one more than the copy its run
-    started with, so a run starts with the newer of the host's and the remote's copy, and a copy
-    that only this host holds (its upload cut short by a cancel) goes to the remote then.
+    Each kept copy records the step of its checkpoint (:data:`KEPT`), so a run starts with the
+    further of the host's and the remote's copy, and a copy further than the remote's (its
+    upload cut short by a cancel, say) goes to the remote then.
 
     The inputs are those of DVC's run cache (the stage's command, the contents of its
     dependencies, its parameters), so a commit that changes none of them keeps the checkpoint,
@@ -359,16 +359,15 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
     for folder in folders:
         if remote:
             remote.newest(folder, store / folder)
-        if _generation(store / folder) is not None:
+        if _step(store / folder) is not None:
             shutil.rmtree(root / folder, ignore_errors=True)
             shutil.copytree(store / folder, root / folder)
     try:
         yield
     except BaseException:
         for folder in folders:
-            started_from = _generation(root / folder)  # None: no checkpoint, and the kept one
-            if started_from is not None:  # stays (a run that failed after training, say)
-                (root / folder / KEPT).write_text(json.dumps({"generation": started_from + 1}))
+            if (root / folder / CHECKPOINT).is_file():  # else the kept one stays (a run that
+                _record_step(root / folder)  # failed after training, say)
                 _hand_over(root / folder, store / folder)
                 if remote:
                     remote.upload(folder, store / folder)
@@ -409,16 +408,35 @@ def _hand_over(folder: Path, kept: Path) -> None:
             shutil.copytree(folder, staged, dirs_exist_ok=True)
 
 
-def _generation(folder: Path) -> int | None:
-    """Which copy of a kept folder `folder` holds: each hand-over records one more than the copy
-    its run started with (none: 0), so of two copies the newer has the higher generation; None
-    when `folder` holds no checkpoint."""
+def _step(folder: Path) -> int | None:
+    """How far the checkpoint kept in `folder` got: the training step it was written at, as
+    recorded (:data:`KEPT`) or read from it; -1 when neither can be read; None when `folder`
+    holds no checkpoint."""
     if not (folder / CHECKPOINT).is_file():
         return None
+    return _recorded_step(lambda: (folder / KEPT).read_bytes()) if (folder / KEPT).is_file() \
+        else _record_step(folder)
+
+
+def _record_step(folder: Path) -> int:
+    """Read the step of `folder`'s checkpoint and record it beside it; -1 when unreadable."""
+    import torch
+
+    try:  # mapped, not read: only the small record of what the file holds is loaded
+        step = int(torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True,
+                              mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - cut short, or not a checkpoint of ours
+        step = -1
+    (folder / KEPT).write_text(json.dumps({"step": step}))
+    return step
+
+
+def _recorded_step(read) -> int:
+    """The step in a :data:`KEPT` record (``read()`` gives its bytes); -1 when unreadable."""
     try:
-        return int(json.loads((folder / KEPT).read_text())["generation"])
+        return int(json.loads(read())["step"])
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return -1
 
 
 class _KeptRemotely:
@@ -438,23 +456,24 @@ class _KeptRemotely:
         return remote.fs, remote.fs.join(remote.path, "bit-resume", self.key, folder)
 
     def newest(self, folder: str, local: Path) -> None:
-        """Leave the newer of the host's and the remote's copy in both: download the remote's
-        when it is newer (another host's run went on from this one's) and upload the host's
-        when the remote has an older one or none (an upload that a cancel cut short)."""
+        """Leave the further of the host's and the remote's copy in both: download the remote's
+        when its checkpoint is of a later step (another host's run went on from this one's) and
+        upload the host's when the remote has none or an earlier one (an upload that a cancel
+        cut short). On a tie each keeps its own."""
         try:
             fs, there = self._at(folder)
-            theirs, mine = None, _generation(local)
+            mine, theirs = _step(local), None
             if fs.exists(fs.join(there, CHECKPOINT)):  # uploaded last: the copy is whole
-                try:
-                    theirs = int(json.loads(fs.cat_file(fs.join(there, KEPT)))["generation"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    theirs = 0
+                theirs = _recorded_step(lambda: fs.cat_file(fs.join(there, KEPT)))
             if theirs is not None and (mine is None or theirs > mine):
                 with atomic_dir(local) as staged:  # `local` appears whole or not at all
                     for path in fs.find(there):
                         target = staged / Path(fs.relpath(path, there))
                         target.parent.mkdir(parents=True, exist_ok=True)
                         fs.get_file(path, str(target))
+                    if not (staged / CHECKPOINT).is_file() or _recorded_step(
+                            lambda: (staged / KEPT).read_bytes()) != theirs:
+                        raise WorkspaceError("another host replaced it during the download")
             elif mine is not None and (theirs is None or mine > theirs):
                 self._put(fs, there, local)
         except Exception as err:  # noqa: BLE001 - see the class

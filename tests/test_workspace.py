@@ -466,40 +466,61 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
     assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded
 
 
-def test_a_run_starts_with_the_newest_kept_checkpoint_and_the_remote_gets_it(origin, tmp_path):
-    """Host a stops at step 10; host b goes on from there and stops at step 12: a retry on host a
-    starts at 12, not with its own older copy. A copy whose upload a cancel cut short (the
-    checkpoint, sent last, missing on the remote) is not taken, and goes up from the host that
-    has it at its next run."""
+def test_a_run_starts_with_the_furthest_kept_checkpoint_and_the_remote_gets_it(origin, tmp_path):
+    """Host a stops at step 100, but its upload is cut short; host b trains from the start and
+    stops at step 20: host a's next run keeps its own step 100 and sends it up. Host b then goes
+    on from 100 to 120: host a's retry starts at 120, not with its own older copy. A copy whose
+    checkpoint (sent last) never reached the remote is not taken."""
+    import torch
+
     remote = tmp_path / "remote"
     remote.mkdir()
     host_a = Sharing(tmp_path / "cache-a", str(remote))
     host_b = Sharing(tmp_path / "cache-b", str(remote))
 
-    def run(name: str, host: Sharing, writes: str | None) -> str | None:
-        """A run of stage `use` on `host`: what it started with; it writes `writes` and stops."""
+    def step(path: Path) -> int | None:
+        return torch.load(path, weights_only=True)["step"] if path.is_file() else None
+
+    def run(name: str, host: Sharing, trains_to: int | None = None, on_remote=lambda: None
+            ) -> int | None:
+        """A run of stage `use` on `host` that writes a checkpoint at `trains_to` and is
+        stopped; the step it started with. `on_remote` is asked at its start."""
         root = _clone(origin, tmp_path / name)
         workspace.configure(root, host)
         with contextlib.suppress(KeyboardInterrupt):
             with workspace.checkpoints_kept(root, host, "use", ["keep"]):
-                found = root / "keep" / "checkpoint.pt"
-                started = found.read_text() if found.is_file() else None
-                if writes:
-                    found.parent.mkdir(exist_ok=True)
-                    found.write_text(writes)
+                started = step(root / "keep" / "checkpoint.pt")
+                on_remote()
+                if trains_to is not None:
+                    (root / "keep").mkdir(exist_ok=True)
+                    torch.save({"step": trains_to}, root / "keep" / "checkpoint.pt")
                 raise KeyboardInterrupt
         return started
 
-    assert run("a1", host_a, "step 10") is None
-    assert run("b1", host_b, "step 12") == "step 10"
-    assert run("a2", host_a, None) == "step 12"  # the remote's copy is newer than host a's
+    def remote_step() -> int | None:
+        return step(next(remote.glob("bit-resume/*/keep/checkpoint.pt"), Path("-")))
 
-    on_remote, = remote.glob("bit-resume/*/keep/checkpoint.pt")
-    on_remote.unlink()  # host a's last upload was cut short
-    assert run("c1", Sharing(tmp_path / "cache-c", str(remote)), None) is None  # not whole
-    a3 = _clone(origin, tmp_path / "a3")
-    workspace.configure(a3, host_a)
-    with workspace.checkpoints_kept(a3, host_a, "use", ["keep"]):
-        assert (a3 / "keep" / "checkpoint.pt").read_text() == "step 12"
-        assert on_remote.read_text() == "step 12"  # sent again, from host a's cache
-    assert not list(remote.rglob("*.pt"))  # forgotten once the stage succeeded
+    assert run("a1", host_a, trains_to=100) is None
+    next(remote.glob("bit-resume/*/keep/checkpoint.pt")).unlink()  # the upload was cut short
+    assert run("b1", host_b, trains_to=20) is None  # the remote's copy is not whole
+    assert remote_step() == 20
+    seen = []
+    assert run("a2", host_a, on_remote=lambda: seen.append(remote_step())) == 100
+    assert seen == [100]  # sent up at the start of the run
+    assert run("b2", host_b, trains_to=120) == 100  # host b's 20 gave way to a's 100
+    assert run("a3", host_a) == 120  # the remote's copy went further than host a's
+    assert run("a4", host_a) == 120 and remote_step() == 120  # stopped again: nothing changes
+
+
+def test_the_key_is_the_one_a_new_run_would_record_whatever_dvc_lock_says(origin, tmp_path):
+    """dvc.lock says x: 1 and params.yaml now x: 1.0, the same to DVC, which restores dvc.lock's
+    run: the key that comes with the answer is the hash of the inputs as a new run records them,
+    as checkpoints_kept works it out on its own."""
+    root = _clone(origin, tmp_path / "ws")
+    sharing = Sharing(tmp_path / "cache")
+    workspace.configure(root, sharing)
+    _dvc(root, "repro", "make")
+    workspace.share_run(root, "make", sharing)  # notes.txt in the cache too
+    (root / "params.yaml").write_text("x: 1.0\n")
+    answer = workspace.restorable(root, "make")
+    assert answer and answer.key == workspace._inputs_key(root, "make") is not None
