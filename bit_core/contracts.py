@@ -30,6 +30,13 @@ SPLIT_MARKER = "split.json"  # data/raw of a source with official train/ and tes
 DATA_METRICS = "metrics.json"  # reports/data: the prepare stage's data report numbers
 MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
 
+# --- what a flow that starts the fine-tune on several hosts hands each node -----------------------
+# (in its environment, in place of train.rdzv_endpoint and train.rdzv_id; flows/nodes.py)
+
+ENDPOINT_ENV = "BIT_RDZV_ENDPOINT"  # host:port of the rendezvous
+RDZV_ID_ENV = "BIT_RDZV_ID"  # the run's own meeting name
+NODE_RANK_ENV = "BIT_NODE_RANK"  # this node's rank, 0 to train.nodes - 1
+
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")

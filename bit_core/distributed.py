@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from bit_core.config import TrainConfig
+from bit_core.contracts import ENDPOINT_ENV, NODE_RANK_ENV, RDZV_ID_ENV
 from bit_core.errors import ClusterError, Interrupted
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -247,10 +248,9 @@ class Heartbeat:
 
 RENDEZVOUS = "c10d-fixed-nodes"  # torchrun's c10d rendezvous for a fixed set of nodes
 # Where the nodes of one run meet, when whoever starts them (the Prefect flow) chooses it per run
-# rather than in params.yaml: host:port, the rendezvous id, and this node's rank (0 for the node
-# that is to hold global rank 0 and write the outputs). They override train.rdzv_endpoint and
-# train.rdzv_id; like those, they do not change what is trained.
-ENDPOINT_ENV, RDZV_ID_ENV, NODE_RANK_ENV = "BIT_RDZV_ENDPOINT", "BIT_RDZV_ID", "BIT_NODE_RANK"
+# rather than in params.yaml, comes in the environment (contracts.ENDPOINT_ENV, RDZV_ID_ENV and
+# NODE_RANK_ENV; rank 0's node holds global rank 0 and writes the outputs). They override
+# train.rdzv_endpoint and train.rdzv_id; like those, they do not change what is trained.
 STORE_NODE_ENV = "BIT_STORE_NODE"  # set for the workers: the node whose host holds the store
 CLOSE_SECONDS = 10.0  # closing the rendezvous takes milliseconds; its host may be gone
 

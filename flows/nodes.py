@@ -35,7 +35,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 
-from bit_core.distributed import ENDPOINT_ENV, NODE_RANK_ENV, RDZV_ID_ENV
+from bit_core.contracts import ENDPOINT_ENV, NODE_RANK_ENV, RDZV_ID_ENV
 from bit_core.redact import redact
 from flows import dag, workspace
 from tasks import environment

@@ -35,3 +35,17 @@ def test_a_node_runs_the_fine_tune_stages_command_of_dvc_yaml(repo_root):
     argv = nodes.stage_command(str(repo_root), "finetune")
     assert argv[:2] == ["sh", "-c"]
     assert shlex.split(argv[2])[:3] == ["python", "-m", "tasks.finetune"]
+
+
+def test_the_flow_process_loads_no_torch():
+    """A flow run's process only orchestrates (each stage is a process of its own), so it stays
+    small on the worker host for the whole run: importing torch would add about 600 MB and 2 s
+    to every flow run."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.cli, flows.pipeline, flows.nodes, flows.workspace; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert loaded == "[]"

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bit_core.distributed import NODE_RANK_ENV
+from bit_core.contracts import NODE_RANK_ENV
 from tasks import environment
 from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
                             running_s3_server, running_server, stop_group)
