@@ -367,8 +367,9 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
     except BaseException:
         for folder in folders:
             if (root / folder / CHECKPOINT).is_file():  # else the kept one stays (a run that
-                _record_step(root / folder)  # failed after training, say)
-                _hand_over(root / folder, store / folder)
+                (root / folder / KEPT).unlink(missing_ok=True)  # failed after training, say)
+                _hand_over(root / folder, store / folder)  # first: the time left may be short
+                _record_step(store / folder)  # (else the next run reads the step itself)
                 if remote:
                     remote.upload(folder, store / folder)
         raise
