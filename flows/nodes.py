@@ -5,7 +5,7 @@ has to run, it first starts N-1 flow runs of the ``bit-node`` deployment of its 
 other nodes), each on whichever worker takes it, in a workspace of its own like every shared
 run. Each node restores the data stages from the DVC remote (node 0 pushed them), then runs the
 fine-tune stage's command of dvc.yaml with the meeting place in its environment
-(``bit_core.distributed``: ``BIT_RDZV_ENDPOINT``, ``BIT_RDZV_ID``, ``BIT_NODE_RANK``). Node 0
+(``bit_core.contracts``: ``BIT_RDZV_ENDPOINT``, ``BIT_RDZV_ID``, ``BIT_NODE_RANK``). Node 0
 runs the stage itself, through DVC, once every node is ready; all meet in torchrun's c10d
 rendezvous at node 0's host and train one model. Global rank 0 is on node 0, so node 0 alone
 writes the checkpoint, logs to MLflow and goes on with export, evaluation and registration; the

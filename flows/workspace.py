@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bit_core.contracts import CHECKPOINT
-from bit_core.io import atomic_dir, atomic_path
+from bit_core.io import atomic_dir, atomic_path, atomic_write_json
 from bit_core.redact import redact, split_credentials
 from flows import dag
 from tasks import environment
@@ -367,11 +367,7 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
     except BaseException:
         for folder in folders:
             if (root / folder / CHECKPOINT).is_file():  # else the kept one stays (a run that
-                (root / folder / KEPT).unlink(missing_ok=True)  # failed after training, say)
-                _hand_over(root / folder, store / folder)  # first: the time left may be short
-                _record_step(store / folder)  # (else the next run reads the step itself)
-                if remote:
-                    remote.upload(folder, store / folder)
+                _keep(root, folder, store, remote)  # failed after training, say)
         raise
     shutil.rmtree(store, ignore_errors=True)
     for folder in folders if remote else []:
@@ -409,14 +405,27 @@ def _hand_over(folder: Path, kept: Path) -> None:
             shutil.copytree(folder, staged, dirs_exist_ok=True)
 
 
+def _keep(root: Path, folder: str, store: Path, remote: _KeptRemotely | None) -> None:
+    """Hand a stopped run's resume folder over to the host cache, then to the remote; a failure
+    is logged, so that the run's own error is the one reported."""
+    try:
+        (root / folder / KEPT).unlink(missing_ok=True)  # the record of the copy it started with
+        _hand_over(root / folder, store / folder)  # first: after a cancel, time may be short
+        _record_step(store / folder)  # (a run that finds no record reads the step itself)
+        if remote:
+            remote.upload(folder, store / folder)
+    except Exception as err:  # noqa: BLE001 - see above
+        log.warning(redact(f"keeping {folder} for the next run failed: {err}"))
+
+
 def _step(folder: Path) -> int | None:
     """How far the checkpoint kept in `folder` got: the training step it was written at, as
     recorded (:data:`KEPT`) or read from it; -1 when neither can be read; None when `folder`
     holds no checkpoint."""
     if not (folder / CHECKPOINT).is_file():
         return None
-    return _recorded_step(lambda: (folder / KEPT).read_bytes()) if (folder / KEPT).is_file() \
-        else _record_step(folder)
+    recorded = _recorded_step(lambda: (folder / KEPT).read_bytes())
+    return recorded if recorded >= 0 else _record_step(folder)  # rare: costs a torch import
 
 
 def _record_step(folder: Path) -> int:
@@ -428,7 +437,7 @@ def _record_step(folder: Path) -> int:
                               mmap=True)["step"])
     except Exception:  # noqa: BLE001 - cut short, or not a checkpoint of ours
         step = -1
-    (folder / KEPT).write_text(json.dumps({"step": step}))
+    atomic_write_json(folder / KEPT, {"step": step})
     return step
 
 
@@ -472,9 +481,12 @@ class _KeptRemotely:
                         target = staged / Path(fs.relpath(path, there))
                         target.parent.mkdir(parents=True, exist_ok=True)
                         fs.get_file(path, str(target))
-                    if not (staged / CHECKPOINT).is_file() or _recorded_step(
-                            lambda: (staged / KEPT).read_bytes()) != theirs:
-                        raise WorkspaceError("another host replaced it during the download")
+                    got = _record_step(staged)  # the checkpoint's own step: another host's
+                    if not (staged / CHECKPOINT).is_file():  # upload may have changed it since
+                        raise WorkspaceError("its checkpoint went during the download")
+                    if mine is not None and got <= mine:
+                        raise WorkspaceError(f"the copy downloaded (step {got}) is not further "
+                                             f"than this host's (step {mine})")
             elif mine is not None and (theirs is None or mine > theirs):
                 self._put(fs, there, local)
         except Exception as err:  # noqa: BLE001 - see the class

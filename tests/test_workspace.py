@@ -511,6 +511,14 @@ def test_a_run_starts_with_the_furthest_kept_checkpoint_and_the_remote_gets_it(o
     assert run("a3", host_a) == 120  # the remote's copy went further than host a's
     assert run("a4", host_a) == 120 and remote_step() == 120  # stopped again: nothing changes
 
+    # Two uploads at once can leave a record that claims more than its checkpoint holds: the
+    # checkpoint itself decides, once downloaded. A record cut short is read from the checkpoint.
+    on_remote = next(remote.glob("bit-resume/*/keep"))
+    torch.save({"step": 50}, on_remote / "checkpoint.pt")
+    (on_remote / workspace.KEPT).write_text('{"step": 200}')
+    (next((tmp_path / "cache-a").glob("bit-resume/*/keep")) / workspace.KEPT).write_text('{"st')
+    assert run("a5", host_a) == 120
+
 
 def test_the_key_is_the_one_a_new_run_would_record_whatever_dvc_lock_says(origin, tmp_path):
     """dvc.lock says x: 1 and params.yaml now x: 1.0, the same to DVC, which restores dvc.lock's
