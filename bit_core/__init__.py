@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ResNetV2", "create_model", "fold_weight_standardization", "list_models"]
 
-_FROM_MODEL = frozenset({"ResNetV2", "build_model", "fold_weight_standardization", "list_models"})
+_FROM_MODEL = frozenset({"ResNetV2", "build_model", "fold_weight_standardization"})
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from bit_core import model
 
         return getattr(model, name)
+    if name == "list_models":
+        from bit_core.variants import list_models
+
+        return list_models
     raise AttributeError(f"module 'bit_core' has no attribute {name!r}")
 
 

@@ -76,7 +76,7 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _known(self) -> ModelConfig:
-        from bit_core.model import get_variant
+        from bit_core.variants import get_variant
 
         get_variant(self.name)
         return self

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from bit_core.errors import WeightsError
-from bit_core.model import PreActBottleneck, ResNetV2, build_model, get_variant
+from bit_core.model import PreActBottleneck, ResNetV2, build_model
+from bit_core.variants import get_variant
 
 OFFICIAL_URL = "https://storage.googleapis.com/bit_models/{name}.npz"
 PREFIX = "resnet/"

@@ -43,7 +43,8 @@ def models() -> None:
     """List the official BiT variants and their sizes."""
     import torch
 
-    from bit_core.model import VARIANTS, build_model
+    from bit_core.model import build_model
+    from bit_core.variants import VARIANTS
 
     table = Table("name", "blocks", "width", "upstream classes", "params (M)")
     for name, variant in VARIANTS.items():

@@ -37,15 +37,19 @@ def test_a_node_runs_the_fine_tune_stages_command_of_dvc_yaml(repo_root):
     assert shlex.split(argv[2])[:3] == ["python", "-m", "tasks.finetune"]
 
 
-def test_the_flow_process_loads_no_torch():
+def test_the_flow_process_loads_no_torch(repo_root, tmp_path):
     """A flow run's process only orchestrates (each stage is a process of its own), so it stays
     small on the worker host for the whole run: importing torch would add about 600 MB and 2 s
-    to every flow run."""
+    to every flow run. Checked: importing the flows, and the parameters the flow validates."""
+    import shutil
     import subprocess
     import sys
 
+    shutil.copyfile(repo_root / "params.yaml", tmp_path / "params.yaml")
     code = ("import sys, flows.cli, flows.pipeline, flows.nodes, flows.workspace; "
+            "from flows.overrides import apply_overrides; "
+            "apply_overrides(sys.argv[1], ['train.seed=3', 'model.name=BiT-S-R50x1']); "
             "print(sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    loaded = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml")],
+                            capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
