@@ -4,6 +4,8 @@ and a dataset over the samples of one split (see :mod:`bit_core.splits`).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from bit_core.errors import ConfigError
 from bit_core.record import INPUT_MEAN, INPUT_STD
 from bit_core.serving import to_rgb
 from bit_core.splits import Sample
@@ -65,3 +68,21 @@ class ImageListDataset(Dataset):
     @property
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
+
+
+# Linux takes at most 107 bytes for a Unix socket's path. DataLoader workers hand each batch over
+# through one that multiprocessing makes in the temporary folder (<tmp>/pymp-XXXXXXXX/listener-
+# XXXXXXXX, 32 bytes more); with a longer folder every worker fails at its first batch.
+_SOCKET_PATH_MAX, _SOCKET_SUFFIX = 107, 32
+
+
+def check_loader_workers(workers: int) -> None:
+    """Fail in one line, before any work, when DataLoader workers cannot start here."""
+    base = tempfile.gettempdir()
+    size = len(os.fsencode(base))
+    if workers > 0 and size + _SOCKET_SUFFIX > _SOCKET_PATH_MAX:
+        raise ConfigError(
+            f"train.workers={workers} cannot start here: the temporary folder {base} is {size} "
+            f"bytes long, over the {_SOCKET_PATH_MAX - _SOCKET_SUFFIX} that leave room for the "
+            "Unix sockets of DataLoader workers: set TMPDIR to a shorter path (such as /tmp), "
+            "or train.workers=0")

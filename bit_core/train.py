@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bit_core.config import TrainConfig
+from bit_core.data import check_loader_workers
 from bit_core.device import DeviceError, autocast, resolve_precision
 from bit_core.hyperrule import get_lr, get_mixup, get_schedule
 from bit_core.io import atomic_torch_save
@@ -246,6 +247,7 @@ class Trainer:
     world: int = 1
 
     def __post_init__(self):
+        check_loader_workers(self.cfg.workers)
         self.plan = make_plan(self.cfg, len(self.train_set))
         if self.plan.micro_batch % self.world:
             raise ValueError(f"micro-batch {self.plan.micro_batch} (batch / batch_split) is not "

@@ -18,7 +18,7 @@ from bit_core.backends import (GATE_PP, OM, REFERENCE, Backend, Plan, fastest, g
 from bit_core.config import Params
 from bit_core.contracts import (CHECKPOINT, IR_MANIFEST, OM_MANIFEST, EvaluationMetrics,
                                 IRManifest, IRStatus, OMManifest, OMStatus, metric_key)
-from bit_core.data import ImageListDataset, eval_transform
+from bit_core.data import ImageListDataset, check_loader_workers, eval_transform
 from bit_core.device import CpuUnits, cpu_units, resolve_device
 from bit_core.errors import ContractError, ParityError
 from bit_core.evaluate import (Predict, compiled_predictor, confusion_matrix, cpu_used_elsewhere,
@@ -246,6 +246,7 @@ def _log_run(checkpoint_dir: Path, metrics: EvaluationMetrics, out: Path, om_dir
 
 
 def _test_loader(params: Params, data_root: Path, splits: Path, resolution: int) -> DataLoader:
+    check_loader_workers(params.train.workers)
     test_set = ImageListDataset(data_root, read_split(splits / "test.csv"),
                                 eval_transform(resolution))
     return DataLoader(test_set, batch_size=ACCURACY_BATCH, num_workers=params.train.workers)

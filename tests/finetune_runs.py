@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,8 +47,11 @@ class Stage:
                    "--splits", str(self.inputs / "data/prepared"),
                    "--weights", str(self.inputs / "models/pretrained"), "--out", str(run / "out"),
                    "--reports", str(run / "reports"), "--resume-dir", str(run / "resume")]
-        (run / "tmp").mkdir(exist_ok=True)  # what a SIGKILLed launcher leaves stays in the run
-        env = {**os.environ, **self.env, "BIT_PARAMS": str(params), "TMPDIR": str(run / "tmp"),
+        # A temporary folder of its own, removed with everything the stage started (a SIGKILLed
+        # launcher leaves its log folder there), with a short path: Unix sockets made in it
+        # (multiprocessing's, for DataLoader workers) take at most 107 bytes.
+        tmp = tempfile.mkdtemp(prefix="stage-")
+        env = {**os.environ, **self.env, "BIT_PARAMS": str(params), "TMPDIR": tmp,
                "MLFLOW_TRACKING_URI": self.tracking_uri, MARK: str(run)}
         with open(run / "stdout.txt", "w") as out, open(run / "stderr.txt", "w") as err:
             process = subprocess.Popen(command, cwd=run, env=env, stdout=out, stderr=err,
@@ -55,6 +60,7 @@ class Stage:
             yield process
         finally:
             kill_all(process, str(run))
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def complete(self, run: Path, overrides: list[str]) -> dict:
         """Run to the end; the final checkpoint."""

@@ -191,3 +191,64 @@ def test_compiled_training_follows_eager():
         keys = set(trainer.state_dict()["model"])
         assert keys == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}  # no _orig_mod.
     assert curves[0] == pytest.approx(curves[1], rel=1e-4, abs=1e-5)
+
+
+def _temp_folder(parent, size: int):
+    """A folder whose path is `size` bytes long, under `parent`."""
+    path = parent / ("d" * (size - len(str(parent)) - 1))
+    path.mkdir()
+    assert len(str(path)) == size
+    return path
+
+
+_LOAD = ("import torch; from torch.utils.data import DataLoader; "
+         "print(sum(len(b) for b in DataLoader(torch.zeros(64, 256), batch_size=8, "
+         "num_workers=1)))")
+
+
+@pytest.fixture
+def short_base():
+    """A new folder with a short path (pytest's own are too deep to build on)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="w"))
+    yield base
+    shutil.rmtree(base)
+
+
+@pytest.mark.timeout(300)  # a reader that never sees the line it waits for
+def test_data_loader_workers_need_a_short_temporary_folder(short_base, monkeypatch):
+    """DataLoader workers pass batches through Unix sockets in the temporary folder: the longest
+    folder they run in is the one the trainer accepts, and one byte more is refused in one line
+    before any work."""
+    import subprocess
+    import tempfile
+
+    from bit_core.data import _SOCKET_PATH_MAX, _SOCKET_SUFFIX
+    from bit_core.errors import ConfigError
+
+    base = short_base
+    longest = _SOCKET_PATH_MAX - _SOCKET_SUFFIX
+    for size, works in ((longest, True), (longest + 1, False)):
+        env = {**os.environ, "TMPDIR": str(_temp_folder(base, size))}
+        # the worker's error goes to stderr, and the loader then waits for it for ever
+        process = subprocess.Popen([sys.executable, "-c", _LOAD], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            errors = "".join(iter(process.stderr.readline, "")) if works else next(
+                (line for line in process.stderr if "AF_UNIX path too long" in line), "")
+        finally:
+            process.kill()
+            output = process.communicate()[0]
+        assert ("AF_UNIX path too long" in errors) != works, errors[-500:]
+        assert (output.strip() == "64") == works
+        monkeypatch.setattr(tempfile, "tempdir", env["TMPDIR"])
+        if works:
+            _trainer(_cfg(workers=1))
+        else:
+            with pytest.raises(ConfigError) as err:
+                _trainer(_cfg(workers=1))
+            assert "\n" not in str(err.value) and "set TMPDIR to a shorter path" in str(err.value)
+            _trainer(_cfg(workers=0))  # no workers, no sockets
