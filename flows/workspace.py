@@ -53,6 +53,7 @@ REMOTE = "bit"  # the DVC remote's name in the workspace
 GIT_REMOTE = "origin"  # where the workspace was cloned from
 # Links from the host cache; a copy only where the file system allows no link.
 LINKS = "reflink,hardlink,symlink,copy"
+KEPT_DIR = "bit-resume"  # in the host cache and on the remote: <key>/<resume folder>
 KEPT = "kept.json"  # in a kept resume folder: the training step its checkpoint was written at
 USERINFO_SCHEMES = {"http", "https", "webdav", "webdavs", "ssh"}  # remotes that take user/password
 BASIC_AUTH_SCHEMES = {"http", "https"}
@@ -300,7 +301,7 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> Restore:
     whose inputs are not all there yet answer False.
     """
     from dvc.repo import Repo
-    from dvc.stage.cache import _can_hash, _get_cache_hash
+    from dvc.stage.cache import _can_hash
     from dvc.stage.serialize import to_single_stage_lockfile
 
     try:
@@ -318,8 +319,7 @@ def restorable(root: str | Path, stage: str, pull: bool = False) -> Restore:
             run = to_single_stage_lockfile(found) if locked else None  # the run dvc.lock records
             # The key from the hashes as a new run records them, which can differ from dvc.lock's
             # (file metadata, `1` for `1.0`); DVC's state database makes this hashing cheap.
-            found.save_deps()
-            key = _get_cache_hash(to_single_stage_lockfile(found), key=True)
+            key = _run_key(found)
             run = run or repo.stage_cache._load(found)  # noqa: SLF001
             if not run:
                 return Restore(False, key)
@@ -354,7 +354,7 @@ def checkpoints_kept(root: str | Path, sharing: Sharing, stage: str, folders: li
     root = Path(root)
     key = (key or _inputs_key(root, stage) or hashlib.sha256(
         head(root).encode() + (root / "params.yaml").read_bytes()).hexdigest())[:16]
-    store = sharing.cache / "bit-resume" / key
+    store = sharing.cache / KEPT_DIR / key
     remote = _KeptRemotely(root, key) if sharing.remote else None
     for folder in folders:
         if remote:
@@ -378,20 +378,26 @@ def _inputs_key(root: Path, stage: str) -> str | None:
     """DVC's run-cache key of `stage` (a hash of its command, its dependencies' contents, its
     parameters and its output paths); None when DVC cannot make one (a dependency missing)."""
     from dvc.repo import Repo
-    from dvc.stage.cache import _get_cache_hash
-    from dvc.stage.serialize import to_single_stage_lockfile
 
     try:
         with chdir(root), Repo(str(root)) as repo, repo.lock:
-            found = _stage(repo, root, stage)
-            found.save_deps()  # one walk of each dependency (DVC's own check walks them again)
-            if not all(dep.hash_info for dep in found.deps):
-                return None
-            return _get_cache_hash(to_single_stage_lockfile(found), key=True)
+            return _run_key(_stage(repo, root, stage))
     except Exception as err:  # noqa: BLE001 - the caller falls back to the commit and parameters
         log.warning(redact(f"the inputs of {stage} could not be hashed ({err}): its checkpoint "
                            "is kept under the commit and params.yaml instead"))
         return None
+
+
+def _run_key(found) -> str | None:
+    """The run-cache key of DVC stage `found` from its dependencies as they are now (hashed
+    once each, and saved on it); None when one is missing."""
+    from dvc.stage.cache import _get_cache_hash
+    from dvc.stage.serialize import to_single_stage_lockfile
+
+    found.save_deps()
+    if not all(dep.hash_info for dep in found.deps):
+        return None
+    return _get_cache_hash(to_single_stage_lockfile(found), key=True)
 
 
 def _hand_over(folder: Path, kept: Path) -> None:
@@ -463,7 +469,7 @@ class _KeptRemotely:
 
         with Repo(str(self.root)) as repo:
             remote = repo.cloud.get_remote()
-        return remote.fs, remote.fs.join(remote.path, "bit-resume", self.key, folder)
+        return remote.fs, remote.fs.join(remote.path, KEPT_DIR, self.key, folder)
 
     def newest(self, folder: str, local: Path) -> None:
         """Leave the further of the host's and the remote's copy in both: download the remote's

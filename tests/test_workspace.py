@@ -412,7 +412,7 @@ def test_the_hand_over_replaces_the_kept_folder_whole(tmp_path, elsewhere):
     try:
         if elsewhere and base.stat().st_dev == tmp_path.stat().st_dev:
             pytest.skip("/dev/shm is on the same file system here")
-        kept = base / "bit-resume" / "k" / "models" / "resume"
+        kept = base / workspace.KEPT_DIR / "k" / "models" / "resume"
         kept.mkdir(parents=True)
         (kept / "checkpoint.pt").write_text("step 4")
         (kept / "stale.json").write_text("{}")
@@ -446,7 +446,7 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
             (first / "keep" / "sub" / "run.json").write_text("{}")
             raise RuntimeError("lost node 1")  # the stage failed
     kept = sorted(p.relative_to(remote).as_posix() for p in remote.rglob("*") if p.is_file())
-    assert len(kept) == 3 and all(p.startswith("bit-resume/") for p in kept)
+    assert len(kept) == 3 and all(p.startswith(f"{workspace.KEPT_DIR}/") for p in kept)
     again = _clone(origin, tmp_path / "again")  # stopped again on host a, with fewer files
     workspace.configure(again, host_a)
     with pytest.raises(RuntimeError):
@@ -461,9 +461,9 @@ def test_a_stopped_stage_leaves_its_checkpoint_on_the_remote_for_a_retry_on_anot
     with workspace.checkpoints_kept(retry, host_b, "use", ["keep"]):
         assert (retry / "keep" / "checkpoint.pt").read_bytes() == b"\x00step 12"
         assert not (retry / "keep" / "sub").exists()
-        downloaded = [p.name for p in (host_b.cache / "bit-resume").rglob("*keep*")]
+        downloaded = [p.name for p in (host_b.cache / workspace.KEPT_DIR).rglob("*keep*")]
         assert downloaded == ["keep"]  # in place whole, no staging folder left
-    assert not list((remote / "bit-resume").rglob("*.pt"))  # forgotten once the stage succeeded
+    assert not list((remote / workspace.KEPT_DIR).rglob("*.pt"))  # forgotten once the stage succeeded
 
 
 def test_a_run_starts_with_the_furthest_kept_checkpoint_and_the_remote_gets_it(origin, tmp_path):
@@ -498,10 +498,10 @@ def test_a_run_starts_with_the_furthest_kept_checkpoint_and_the_remote_gets_it(o
         return started
 
     def remote_step() -> int | None:
-        return step(next(remote.glob("bit-resume/*/keep/checkpoint.pt"), Path("-")))
+        return step(next(remote.glob(f"{workspace.KEPT_DIR}/*/keep/checkpoint.pt"), Path("-")))
 
     assert run("a1", host_a, trains_to=100) is None
-    next(remote.glob("bit-resume/*/keep/checkpoint.pt")).unlink()  # the upload was cut short
+    next(remote.glob(f"{workspace.KEPT_DIR}/*/keep/checkpoint.pt")).unlink()  # the upload was cut short
     assert run("b1", host_b, trains_to=20) is None  # the remote's copy is not whole
     assert remote_step() == 20
     seen = []
@@ -513,10 +513,10 @@ def test_a_run_starts_with_the_furthest_kept_checkpoint_and_the_remote_gets_it(o
 
     # Two uploads at once can leave a record that claims more than its checkpoint holds: the
     # checkpoint itself decides, once downloaded. A record cut short is read from the checkpoint.
-    on_remote = next(remote.glob("bit-resume/*/keep"))
+    on_remote = next(remote.glob(f"{workspace.KEPT_DIR}/*/keep"))
     torch.save({"step": 50}, on_remote / "checkpoint.pt")
     (on_remote / workspace.KEPT).write_text('{"step": 200}')
-    (next((tmp_path / "cache-a").glob("bit-resume/*/keep")) / workspace.KEPT).write_text('{"st')
+    (next((tmp_path / "cache-a").glob(f"{workspace.KEPT_DIR}/*/keep")) / workspace.KEPT).write_text('{"st')
     assert run("a5", host_a) == 120
 
 
