@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from bit_core.contracts import NODE_RANK_ENV
+from flows.workspace import KEPT_DIR
 from tasks import environment
 from tests.conftest import (BIN, free_port, make_clone, processes_with_env, running_mlflow_server,
                             running_s3_server, running_server, stop_group)
@@ -422,7 +423,7 @@ def test_a_cancelled_run_hands_its_checkpoint_to_the_host_cache(cluster, two_run
     cluster.prefect("flow-run", "cancel", run)
     state = _wait_final(cluster, run, seconds=120)
     assert state.is_cancelled(), state.name
-    kept = list((cluster.hosts["host-a"] / "dvc-cache" / "bit-resume").rglob("checkpoint.pt"))
+    kept = list((cluster.hosts["host-a"] / "dvc-cache" / KEPT_DIR).rglob("checkpoint.pt"))
     assert [p.relative_to(p.parents[2]).as_posix() for p in kept] == [
         "models/resume/checkpoint.pt"], kept
     deadline = time.monotonic() + 60
