@@ -10,6 +10,7 @@ that only knows how to rebuild numpy arrays: never unpickle anything else from a
 from __future__ import annotations
 
 import codecs
+import math
 import pickle
 import tempfile
 from collections.abc import Sequence
@@ -58,20 +59,103 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """What protocol-2 pickles call (as ``bytes()``) for empty bytes: an empty array's data."""
+    if args:
+        raise pickle.UnpicklingError("bytes may only be called without arguments")
+    return b""
+
+
+_NUMERIC = frozenset({"u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f4", "f8", "b1"})
+_BYTE_ORDERS = {"<": "<", ">": ">", "|": "|", "=": "="}
+
+
+class _Dtype:
+    """What a pickle's ``numpy.dtype(name, align, copy)`` and its state become: a plain numeric
+    type name and a byte order, turned into a real dtype only once both are checked."""
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True) -> None:
+        name = name.decode("latin1") if isinstance(name, bytes) else name
+        if not isinstance(name, str) or name not in _NUMERIC:
+            raise pickle.UnpicklingError(f"numpy.dtype {name!r} is not a plain numeric type")
+        self.name, self.order = name, "|"
+
+    def __setstate__(self, state: Any) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) == 8 else None
+        order = order.decode("latin1") if isinstance(order, bytes) else order
+        if order not in _BYTE_ORDERS or state[2:5] != (None, None, None):
+            raise pickle.UnpicklingError("numpy.dtype state is not that of a plain numeric type")
+        self.order = order
+
+    def resolve(self) -> np.dtype:
+        dtype = np.dtype(self.name)
+        return dtype.newbyteorder(self.order) if self.order in "<>" else dtype
+
+
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` as the pickle names it: only ever an argument of
+    :class:`_Array`."""
+
+
+class _Array:
+    """What a pickle's ``numpy.core.multiarray._reconstruct(ndarray, shape, typecode)`` and its
+    state become: the array is built from the raw bytes with ``numpy.frombuffer``, after checking
+    that they are exactly the shape's worth of a plain numeric type. numpy's own unpickling is
+    never called, so no state from the file reaches it (an object dtype would let the file's
+    bytes be used as pointers)."""
+
+    def __init__(self, kind: Any, shape: Any = (0,), typecode: Any = b"b") -> None:
+        if kind is not _NdarrayType:
+            raise pickle.UnpicklingError("_reconstruct may only rebuild a numpy.ndarray")
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("numpy array state is not (version, shape, dtype, "
+                                         "fortran, data)")
+        _, shape, dtype, fortran, raw = state
+        if not (isinstance(shape, tuple) and len(shape) <= 8
+                and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise pickle.UnpicklingError(f"numpy array shape {shape!r} is not a shape")
+        if not isinstance(dtype, _Dtype) or not isinstance(raw, bytes):
+            raise pickle.UnpicklingError("numpy array is not of a plain numeric type")
+        dtype = dtype.resolve()
+        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raise pickle.UnpicklingError(f"numpy array of shape {shape} has {len(raw)} bytes of "
+                                         f"data, not {math.prod(shape) * dtype.itemsize}")
+        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C")
+
+
 def _allowed_globals() -> dict[tuple[str, str], Any]:
-    """The only globals a CIFAR pickle may name: numpy array reconstruction and latin-1 bytes."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-            ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-            ("_codecs", "encode"): _latin1_encode}
+    """The only globals a CIFAR pickle may name: numpy array reconstruction (by the stand-ins
+    above) and latin-1 bytes."""
+    return {("numpy.core.multiarray", "_reconstruct"): _Array,
+            ("numpy._core.multiarray", "_reconstruct"): _Array,
+            ("numpy", "ndarray"): _NdarrayType, ("numpy", "dtype"): _Dtype,
+            ("_codecs", "encode"): _latin1_encode,
+            ("__builtin__", "bytes"): _empty_bytes, ("builtins", "bytes"): _empty_bytes}
+
+
+def _settled(value: Any) -> Any:
+    """`value` with the stand-ins replaced by the arrays and dtypes they checked."""
+    if isinstance(value, _Array):
+        if value.array is None:
+            raise pickle.UnpicklingError("a numpy array was never given its data")
+        return value.array
+    if isinstance(value, _Dtype):
+        return value.resolve()
+    if isinstance(value, dict):
+        return {k: _settled(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_settled(v) for v in value)
+    if value is _NdarrayType:
+        raise pickle.UnpicklingError("numpy.ndarray may only be an argument of _reconstruct")
+    return value
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that refuses every global except those numpy arrays are rebuilt from."""
+    """An unpickler that refuses every global except those numpy arrays are rebuilt from, and
+    rebuilds those itself (see :class:`_Array`)."""
 
     def __init__(self, file: IO[bytes]) -> None:
         super().__init__(file, encoding="bytes")
@@ -95,7 +179,7 @@ def load_pickle(path: Path) -> dict[str, Any]:
     """
     try:
         with open(path, "rb") as handle:
-            value = _ArrayUnpickler(handle).load()
+            value = _settled(_ArrayUnpickler(handle).load())
     except FileNotFoundError:
         raise DataError(f"{path} is missing from the archive: download it again") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
@@ -133,9 +217,12 @@ def _read_batches(folder: Path, members: Sequence[str], labels_key: str,
                 and data.shape[1] == 3072):
             raise DataError(f"{path}: 'data' is not an N x 3072 uint8 array: use the official "
                             "archive")
-        found = np.asarray(found if found is not None else [], dtype=np.int64)
-        if found.shape != (len(data),) or (found.size and not 0 <= found.min() <= found.max()
-                                           < classes):
+        try:
+            found = np.asarray(found if isinstance(found, list | np.ndarray) else [None])
+        except (ValueError, TypeError):  # ragged, say
+            found = np.asarray([None])
+        if (found.shape != (len(data),) or not np.issubdtype(found.dtype, np.integer)
+                or (found.size and not 0 <= found.min() <= found.max() < classes)):
             raise DataError(f"{path}: {labels_key!r} does not give one label in 0..{classes - 1} "
                             "per image: use the official archive")
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -168,6 +171,64 @@ def test_a_pickle_naming_any_other_global_is_refused_unexecuted(tmp_path: Path) 
     with pytest.raises(DataError, match=r"(__builtin__|builtins)\.print is not allowed"):
         load_pickle(builtin)
 
+
+
+class _ObjectDtype:
+    """numpy's pickle of dtype('O'), its flags cleared: an object array numpy would build
+    from raw bytes, so that the bytes are used as pointers."""
+
+    def __reduce__(self):
+        rebuild, args, state = np.dtype("O").__reduce__()
+        return rebuild, args, (*state[:-1], 0)
+
+
+class _PointerArray:
+    def __reduce__(self):
+        rebuild, args, (version, _, _, fortran, _) = np.empty(2, np.uint8).__reduce__()
+        return rebuild, args, (version, (2,), _ObjectDtype(), fortran, b"AAAAAAAA" * 2)
+
+
+def test_an_array_whose_bytes_would_be_pointers_is_refused_not_built(tmp_path: Path) -> None:
+    evil = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": _PointerArray()},
+                        protocol=2)
+    archive, _ = _cifar10(replace={"cifar-10-batches-py/data_batch_2": evil})
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(archive)
+    code = ("import sys; from bit_core.cifar import materialize_cifar; "
+            "materialize_cifar('cifar10', sys.argv[1], archive=sys.argv[2], md5=sys.argv[3], "
+            "progress=False)")
+    # a subprocess: numpy building that array crashes the interpreter (segmentation fault)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "raw"), str(path),
+                             md5(archive)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result
+    assert re.search(r"DataError: .*data_batch_2 is not a CIFAR python batch \(numpy.dtype "
+                     r"'O8' is not a plain numeric type\)", result.stderr), result.stderr
+    assert not (tmp_path / "raw").exists()
+    _no_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("labels", [[b"x", b"y"], [0.5, 1.0], [[0], [1, 2]], b"01"])
+def test_labels_that_are_not_integers_are_refused_in_one_line(tmp_path: Path, labels) -> None:
+    bad = pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, protocol=2)
+    archive, _ = _cifar10(replace={"cifar-10-batches-py/test_batch": bad})
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(archive)
+    with pytest.raises(DataError, match=r"test_batch: 'labels' does not give one label in 0\.\.9 "
+                                        r"per image: use the official archive"):
+        materialize_cifar("cifar10", tmp_path / "raw", archive=path, md5=md5(archive))
+
+
+def test_arrays_of_every_plain_layout_are_rebuilt_exactly(tmp_path: Path) -> None:
+    arrays = {b"c": np.arange(12, dtype="<i8").reshape(3, 4),
+              b"f": np.asfortranarray(np.arange(12, dtype=">i4").reshape(3, 4)),
+              b"u": np.arange(7, dtype=np.uint8), b"e": np.zeros((0, 3), np.float32)}
+    for protocol in (2, 4):
+        path = tmp_path / f"p{protocol}.pkl"
+        path.write_bytes(pickle.dumps(arrays, protocol=protocol))
+        loaded = load_pickle(path)
+        for key, array in arrays.items():
+            got = loaded[key.decode()]
+            assert got.dtype == array.dtype and np.array_equal(got, array)
 
 # --- safe extraction -----------------------------------------------------------------------------
 
