@@ -39,6 +39,7 @@ from PIL import Image
 from bit_core.contracts import DATA_METRICS, SPLITS, DataMetrics
 from bit_core.io import atomic_dir, file_digest
 from bit_core.plots import plot_class_counts
+from bit_core.serving import to_rgb, turned_size
 from bit_core.splits import Sample
 
 HEAD_BYTES = 16 * 1024  # hashed for every image; beyond a JPEG's or PNG's headers
@@ -69,12 +70,12 @@ def _inspect(path: Path) -> tuple[bytes, int, int, int]:
         key = nbytes.to_bytes(8, "little") + hashlib.sha256(file.read(HEAD_BYTES)).digest()
         file.seek(0)
         with Image.open(file) as image:
-            width, height = image.size
             image.verify()  # leaves the image unusable: decode from a second opening
         file.seek(0)
         with Image.open(file) as image:
-            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG only
-            image.load()  # "image file is truncated" and decoder errors surface here
+            width, height = turned_size(image)
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))  # JPEG only
+            to_rgb(image)  # "image file is truncated", decoder errors and what training refuses
     return key, width, height, nbytes
 
 

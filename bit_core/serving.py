@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 RECORD_KEY = "bit.model"  # the ONNX metadata_props entry holding the model record
 
@@ -26,13 +26,42 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message names it and says why."""
 
 
+ORIENTATION = 0x0112  # the EXIF tag cameras record how the picture is to be turned with
+_TURNED = (5, 6, 7, 8)  # its values that swap width and height
+BACKGROUND = (255, 255, 255)  # what transparent pixels are laid over
+
+
+def turned_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) as the image is shown: after the turn its EXIF orientation asks for."""
+    width, height = image.size
+    return (height, width) if image.getexif().get(ORIENTATION, 1) in _TURNED else (width, height)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """The image as 8-bit RGB. Pillow's own conversion clips 16-bit grayscale (a 16-bit PNG or TIFF
-    opens as mode I;16, or I) at 255, which turns nearly every pixel white: those are scaled from
-    0..65535 to 0..255 first."""
+    """The image as 8-bit RGB, as a viewer shows it.
+
+    - Turned upright by its EXIF orientation (phone and camera photos are stored sideways with
+      a tag saying so).
+    - Transparent pixels laid over white (:data:`BACKGROUND`): a plain conversion keeps
+      whatever colour happens to be stored under them, black in most files.
+    - 16-bit grayscale (a 16-bit PNG or TIFF opens as mode I;16, or I) scaled from 0..65535 to
+      0..255: Pillow's own conversion clips it at 255, which turns nearly every pixel white.
+
+    Raises:
+        ImageError: a floating-point image, whose range no file states.
+    """
+    if image.getexif().get(ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        raise ImageError("a 32-bit floating-point image, whose range is unknown: save it as an "
+                         "8- or 16-bit image")
     if image.mode == "I" or image.mode.startswith("I;16"):
         pixels = np.rint(np.asarray(image, dtype=np.float64) / 257.0)
         image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)),
+                                     image).convert("RGB")
     return image.convert("RGB")
 
 
@@ -46,6 +75,10 @@ def decode(data: bytes | str, name: str = "image") -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return to_rgb(image)
+    except ImageError as err:
+        raise ImageError(f"{name}: {err}") from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{name}: too large ({err})") from None
     except (UnidentifiedImageError, OSError) as err:
         reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"broken ({err})"
         raise ImageError(f"{name}: {reason}") from None

@@ -191,6 +191,77 @@ def test_16_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
         assert np.abs(np.asarray(image, np.float64) - expected).max() <= 1
 
 
+
+def _trained_and_served(folder, name):
+    from bit_core.data import ImageListDataset
+    from bit_core.serving import decode
+    from bit_core.splits import Sample
+
+    return (ImageListDataset(folder, [Sample(name, 0)])[0][0],
+            decode((folder / name).read_bytes()))
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """A phone stores a portrait photo as a landscape picture with EXIF orientation 6 (turn
+    90 degrees clockwise): training, the data report and `bit predict` all see it upright."""
+    upright = np.zeros((60, 40, 3), np.uint8)
+    upright[:20] = (250, 0, 0)  # a red top third
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 60 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "cls").mkdir()
+    stored.save(tmp_path / "cls" / "portrait.jpg", exif=exif, quality=95)
+    for image in _trained_and_served(tmp_path, "cls/portrait.jpg"):
+        assert image.size == (40, 60)
+        top, bottom = np.asarray(image)[:15].mean((0, 1)), np.asarray(image)[-15:].mean((0, 1))
+        assert top[0] > 200 > 50 > top[1] and bottom.max() < 50
+    from bit_core.datareport import inspect_images
+    from bit_core.splits import Sample
+
+    table = inspect_images(tmp_path, [Sample("cls/portrait.jpg", 0)])
+    assert (table.widths[0], table.heights[0]) == (40, 60)
+
+
+def test_transparent_pixels_are_white_whatever_colour_is_stored_under_them(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 3] = 0  # all transparent, black stored underneath
+    rgba[:4, :, :] = (0, 0, 255, 255)  # an opaque blue top half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    palette = Image.fromarray(rgba, "RGBA").convert("P")  # a GIF-like palette with transparency
+    palette.info["transparency"] = palette.getpixel((0, 7))
+    palette.save(tmp_path / "palette.png", transparency=palette.getpixel((0, 7)))
+    assert Image.open(tmp_path / "palette.png").mode == "P"
+    for name in ("rgba.png", "palette.png"):
+        for image in _trained_and_served(tmp_path, name):
+            pixels = np.asarray(image)
+            assert image.mode == "RGB"
+            assert (pixels[:4] == (0, 0, 255)).all() and (pixels[4:] == 255).all(), name
+
+
+def test_floating_point_images_are_refused_at_prepare_and_by_predict(tmp_path):
+    """A 32-bit float TIFF has no stated range (0..1? 0..255?): prepare names it unreadable,
+    before any training, and `bit predict` says why."""
+    from bit_core.serving import ImageError, decode
+
+    raw = tmp_path / "raw"
+    _images(raw, ["a", "b"], 4)
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(raw / "a" / "float.tif")
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\) under .*raw: a/float.tif; "):
+        prepare(DataConfig(), raw, tmp_path / "out", tmp_path / "report")
+    with pytest.raises(ImageError, match=r"^x.tif: a 32-bit floating-point image, whose range is "
+                                         r"unknown: save it as an 8- or 16-bit image$"):
+        decode((raw / "a" / "float.tif").read_bytes(), "x.tif")
+
+
+def test_an_image_too_large_to_decode_safely_is_named_not_a_traceback(tmp_path):
+    from bit_core.serving import ImageError, decode
+
+    big = tmp_path / "big.png"
+    Image.new("1", (13_400, 13_400)).save(big)  # 179.6 M pixels: Pillow's decompression bomb
+    with pytest.raises(ImageError, match=r"^big.png: too large \(Image size \(179560000 pixels\) "
+                                         r"exceeds limit"):
+        decode(big.read_bytes(), "big.png")
+
 def test_hidden_files_in_a_fetched_root_are_not_images(tmp_path):
     """An archive's ``._photo.png`` (macOS metadata) and ``.ipynb_checkpoints/`` copies are not
     images of the data set, whichever source brought them into data/raw."""
