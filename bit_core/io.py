@@ -3,6 +3,7 @@ half-written file."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -93,12 +94,30 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 def link_or_copy(source: str | Path, dest: str | Path) -> None:
     """Hard-link `source` to `dest` when both are on one file system (no copy of a file that
-    may be gigabytes), else copy it. A symbolic link is resolved first: the file it points to
-    is linked or copied, not the link (Linux's link() would copy a relative link as it is,
+    may be gigabytes), else copy it; for files of the pipeline's own caches only (a user's files
+    are copied: :func:`clone_or_copy`). A symbolic link is resolved first: the file it points
+    to is linked or copied, not the link (Linux's link() would copy a relative link as it is,
     which then points nowhere from `dest`)."""
     source = os.path.realpath(source)
     try:
         os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+_FICLONE = 0x40049409  # Linux's ioctl that makes a file share another's blocks (a reflink)
+
+
+def clone_or_copy(source: str | Path, dest: str | Path) -> None:
+    """Copy a user's file `source` to `dest` as a new file: a reflink where the file system has
+    them (Btrfs, XFS: no blocks copied until either changes), else a full copy; a symbolic link
+    is resolved first. Never a hard link: a DVC cache of link type would then take the user's
+    own file into the cache and make it read-only."""
+    source = os.path.realpath(source)
+    try:
+        with open(source, "rb") as src, open(dest, "wb") as dst:
+            fcntl.ioctl(dst.fileno(), _FICLONE, src.fileno())
+        shutil.copystat(source, dest)
     except OSError:
         shutil.copy2(source, dest)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from bit_core.contracts import SPLITS, write_split_marker
 from bit_core.errors import DataError
-from bit_core.io import atomic_dir, link_or_copy
+from bit_core.io import atomic_dir, clone_or_copy
 from bit_core.splits import images_in
 
 
@@ -101,8 +101,8 @@ def _split_classes(folder: Path, splits: dict[str, str]) -> list[str]:
     return sorted(train)
 
 
-def _link_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> int:
-    """Link the images of `folder`/<class> for each class to the same place under `tmp`."""
+def _copy_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> int:
+    """Copy the images of `folder`/<class> for each class to the same place under `tmp`."""
     count = 0
     for name in classes:
         found = 0
@@ -112,7 +112,7 @@ def _link_classes(folder: Path, classes: list[str], root: Path, tmp: Path) -> in
                                 "fix the link or remove it")
             dest = tmp / path.relative_to(root)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(path, dest)
+            clone_or_copy(path, dest)
             found += 1
         if not found:
             raise DataError(f"class folder {folder / name} has no images: add some or remove it")
@@ -127,7 +127,8 @@ def materialize_folder(folder: str | Path, out: Path) -> int:
     ``ImageNet2012/val/<class>/``, keeps its split folders, and a split marker (see
     :func:`bit_core.contracts.read_split_marker`) says which is the test split.
 
-    Files are hard-linked when `out` is on the same file system, else copied; files that are not
+    Files are copied (:func:`bit_core.io.clone_or_copy`: reflinks where the file system has
+    them, never hard links to the user's files); files that are not
     images by their suffix, hidden files and hidden folders are skipped. Whether each image
     decodes is checked later, by the prepare step.
 
@@ -144,13 +145,13 @@ def materialize_folder(folder: str | Path, out: Path) -> int:
     splits = split_folders(folder)
     with atomic_dir(out) as tmp:
         if splits is None:
-            count = _link_classes(folder, [p.name for p in _subfolders(folder)], folder, tmp)
+            count = _copy_classes(folder, [p.name for p in _subfolders(folder)], folder, tmp)
             if not count:
                 raise DataError(f"{folder} has no class sub-folders of images: put each class's "
                                 "images in a sub-folder named after it")
             return count
         classes = _split_classes(folder, splits)
-        images = {split: _link_classes(folder / name, classes, folder, tmp)
+        images = {split: _copy_classes(folder / name, classes, folder, tmp)
                   for split, name in splits.items()}
         write_split_marker(tmp, "imagefolder", classes, images, splits=splits)
     return sum(images.values())

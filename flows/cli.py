@@ -119,13 +119,15 @@ def run(set_: SetOption = None,
         _fail(f"--until {until}: no such stage; choose from {', '.join(stages)}")
     try:
         changes = (preset_overrides(preset) if preset else []) + (set_ or [])
-        apply_overrides(Path("params.yaml"), changes)
+        params = apply_overrides(Path("params.yaml"), changes).model_dump()
     except ConfigError as err:
         _fail(str(err))
-    command = [environment.tool("dvc"), "repro"] + (["--force"] if force else [])
-    command += [until] if until else []
-    if subprocess.run(command, env=environment.tool_env()).returncode != 0:
-        _fail("the pipeline failed: see the stage's error above")
+    dvc = [environment.tool("dvc"), "repro"]
+    refresh = [] if force else [dvc + ["--force", "--single-item", stage]
+                                for stage in dag.changing_sources(params)]
+    for command in refresh + [dvc + (["--force"] if force else []) + ([until] if until else [])]:
+        if subprocess.run(command, env=environment.tool_env()).returncode != 0:
+            _fail("the pipeline failed: see the stage's error above")
     if until and until != stages[-1]:
         train = Path(dag.TRAIN_METRICS)
         if until == "finetune" and train.is_file():

@@ -60,3 +60,16 @@ def resume_folders(repo: str | Path, stage: str) -> list[str]:
     when the stage runs again nor keeps the stage out of its run cache."""
     argv = shlex.split(command(repo, stage))
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--resume-dir"]
+
+
+def changing_sources(params: dict) -> list[str]:
+    """The fetch stages whose source can change while everything DVC tracks stays the same: a
+    folder or a file of the user's outside the repository (DVC tracks its path, a parameter, not
+    its contents). Each run reads them again; the stages after them run only when what they
+    wrote changed."""
+    refresh = []
+    if params["data"]["source"] == "imagefolder":
+        refresh.append("fetch_data")
+    if params["weights"]["source"] == "file":
+        refresh.append("fetch_weights")
+    return refresh

@@ -369,16 +369,6 @@ def apply_params(repo: str, overrides: list[str]) -> dict:
     return apply_overrides(Path(repo) / "params.yaml", overrides).model_dump()
 
 
-def changing_sources(params: dict) -> list[str]:
-    """The fetch stages whose source can change while everything DVC tracks stays the same."""
-    refresh = []
-    if params["data"]["source"] == "imagefolder":
-        refresh.append("fetch_data")
-    if params["weights"]["source"] == "file":
-        refresh.append("fetch_weights")
-    return refresh
-
-
 @task(name="dvc-status")
 def pipeline_status(repo: str) -> dict:
     """`dvc status`: {stage: what changed}; empty when every stage is up to date."""
@@ -635,10 +625,10 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
     params = apply_params(repo, changes)
     restored = restore_experiment(repo) if shared else None
     results = []
+    for stage in dag.changing_sources(params):  # DVC cannot see into them: read them again
+        results.append(run_io_stage.with_options(task_run_name=f"{stage} (refresh)")(
+            stage, repo, force=True, shared=shared))
     if nightly:
-        for stage in changing_sources(params):
-            results.append(run_io_stage.with_options(task_run_name=f"{stage} (refresh)")(
-                stage, repo, force=True, shared=shared))
         changed = pipeline_status(repo)
         if not changed:
             return _up_to_date(repo, commit, restored, results)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from bit_core.config import Params
 from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
-from bit_core.io import atomic_dir, atomic_write_json, file_digest, link_or_copy
+from bit_core.io import (atomic_dir, atomic_write_json, clone_or_copy, file_digest,
+                         link_or_copy)
 from bit_core.redact import redact
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
@@ -22,11 +23,12 @@ def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
                 src = fetch_official(name, Path(cfg.cache_dir), url=cfg.url, sha256=cfg.sha256,
                                      progress=progress)
                 record["url"] = redact(cfg.url or official_url(name))  # logged and kept
+                link_or_copy(src, tmp / WEIGHTS_FILE)  # from the download cache
             else:
                 src = Path(cfg.path).expanduser()
                 verify_npz(src, name)
                 record["path"] = str(src)
-            link_or_copy(src, tmp / WEIGHTS_FILE)
+                clone_or_copy(src, tmp / WEIGHTS_FILE)  # the user's own file: never linked
             record["sha256"] = file_digest(tmp / WEIGHTS_FILE)
         atomic_write_json(tmp / WEIGHTS_SOURCE, record)
     return record

@@ -88,6 +88,39 @@ def test_run_refuses_bad_override_without_touching_params(tmp_path, repo_root, m
     assert (tmp_path / "params.yaml").read_text() == before
 
 
+
+@pytest.mark.slow
+def test_run_reads_an_image_folder_again_and_trains_on_what_changed(tmp_path, repo_root):
+    """DVC tracks data.folder's name, not its images: `bit run` reads the folder again each time,
+    so images added since the last run are used, and nothing after fetch_data runs when none
+    changed."""
+    from PIL import Image
+
+    from tests.conftest import make_clone
+
+    photos = tmp_path / "photos"
+    for i in range(12):
+        (photos / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(photos / f"c{i % 2}" / f"{i}.png")
+    repo = make_clone(repo_root, tmp_path / "repo", [])
+    command = [str(BIN / "bit"), "run", "--until", "prepare", "-S", "data.source=imagefolder",
+               "-S", f"data.folder={photos}"]
+
+    def run() -> tuple[str, int]:
+        result = subprocess.run(command, cwd=repo, env=environment.tool_env(),
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        stats = json.loads((repo / "data/prepared/stats.json").read_text())
+        return result.stdout + result.stderr, sum(stats[f"{s}_images"]
+                                                  for s in ("train", "val", "test"))
+
+    assert run()[1] == 12
+    output, images = run()
+    assert images == 12 and "Running stage 'prepare'" not in output
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(photos / "c0" / "new.png")
+    output, images = run()
+    assert images == 13 and "Running stage 'prepare'" in output
+
 def _csv(path, losses):
     path.write_text("step,loss\n" + "".join(f"{i + 1},{v}\n" for i, v in enumerate(losses)))
     return str(path)

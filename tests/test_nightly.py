@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from flows.pipeline import PreflightError, changing_sources, check_git_checkout
+from flows.dag import changing_sources
+from flows.pipeline import PreflightError, check_git_checkout
 
 
 def test_only_changeable_sources_are_refreshed():

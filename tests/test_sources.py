@@ -25,6 +25,7 @@ from bit_core.cifar import load_pickle, materialize_cifar
 from bit_core.imagenet import materialize_imagenet
 from tasks.fetch_data import fetch
 from tests.archives import CIFAR10_NAMES, md5, py2_pickle, tar_bytes
+from tests.conftest import BIN
 from tests.http_fixtures import ArchiveServer
 
 def _batch(rng: np.random.Generator, n: int, labels_key: bytes, classes: int) -> tuple[dict, list]:
@@ -427,7 +428,7 @@ def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["cat/a.png", "cat/b.JPG", "cat/broken.png", "dog/nested/c.jpeg"]
     assert (out / "cat" / "b.JPG").read_bytes() == (src / "cat" / "b.JPG").read_bytes()
-    assert (out / "cat" / "a.png").stat().st_ino == (src / "cat" / "a.png").stat().st_ino
+    assert (out / "cat" / "a.png").stat().st_ino != (src / "cat" / "a.png").stat().st_ino
     (src / "cat" / "a.png").unlink()
     assert (out / "cat" / "a.png").is_file()  # a snapshot: survives the source's removal
     _no_leftovers(out.parent)
@@ -438,6 +439,31 @@ def test_image_folder_snapshot_skips_non_images(tmp_path: Path) -> None:
         fetch(DataConfig(source="imagefolder", folder=str(out)), out)
     assert (out / "cat" / "a.png").is_file()
 
+
+
+def test_a_dvc_cache_of_link_type_leaves_the_users_images_alone(tmp_path: Path) -> None:
+    """A worker's DVC cache links (reflink, hardlink, symlink): had data/raw hard links to the
+    user's images, committing it would take those very files into the cache and make them
+    read-only."""
+    from tasks import environment
+
+    src = tmp_path / "photos"
+    (src / "cat").mkdir(parents=True)
+    (src / "cat" / "a.png").write_bytes(_jpeg((255, 0, 0)))
+    (src / "cat" / "a.png").chmod(0o644)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = environment.tool_env()
+    dvc = [str(BIN / "dvc")]
+    code = f"from bit_core.sources import materialize_folder; materialize_folder({str(src)!r}, 'raw')"
+    for args in (["git", "init", "-q"], [*dvc, "init", "-q"],
+                 [*dvc, "config", "cache.type", "hardlink,symlink"],
+                 [*dvc, "stage", "add", "-q", "-n", "fetch", "-o", "raw",
+                  f"{sys.executable} -c \"{code}\""], [*dvc, "repro", "-q"]):
+        subprocess.run(args, cwd=repo, env=env, check=True, capture_output=True)
+    user = (src / "cat" / "a.png").stat()
+    assert (user.st_mode & 0o777, user.st_nlink) == (0o644, 1)
+    assert (repo / "raw" / "cat" / "a.png").read_bytes() == (src / "cat" / "a.png").read_bytes()
 
 def test_image_folder_links_are_followed_to_their_files_but_not_round_loops(
         tmp_path: Path) -> None:
@@ -492,7 +518,7 @@ def test_a_folder_split_into_train_and_val_keeps_val_as_the_test_split(tmp_path:
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == ["split.json", "train/n01/a.png", "train/n01/b.png", "train/n02/c.png",
                      "val/n01/d.png", "val/n02/e.png"]
-    assert (out / "val/n01/d.png").stat().st_ino == (src / "val/n01/d.png").stat().st_ino
+    assert (out / "val/n01/d.png").read_bytes() == (src / "val/n01/d.png").read_bytes()
     marker = read_split_marker(out)
     assert marker["splits"] == {"train": "train", "test": "val"}
     assert marker["classes"] == ["n01", "n02"] and marker["images"] == {"train": 3, "test": 2}
