@@ -6,7 +6,7 @@ import argparse
 import importlib.util
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,35 @@ def _factories(host: Plan, model, onnx_path: Path, ir_dir: Path, device: torch.d
     return {b.name: make(b) for b in host.backends}
 
 
-def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratch: Path
-               ) -> tuple[dict | None, list[dict], str | None]:
+def write_om_inputs(batches: Iterable[np.ndarray], batch: int, folder: Path) -> int:
+    """Write images, as they come batch by batch, as ais_bench's input files: float32 .npy files
+    of exactly `batch` images each (the OM's static batch), the last padded with zeros. One
+    file's worth is held at a time, whatever the size of the test split. Returns the number of
+    images."""
+    buffer, filled, files, count = None, 0, 0, 0
+    for images in batches:
+        images = np.asarray(images, np.float32)
+        if buffer is None:
+            buffer = np.zeros((batch, *images.shape[1:]), np.float32)
+        start = 0
+        while start < len(images):
+            take = min(batch - filled, len(images) - start)
+            buffer[filled:filled + take] = images[start:start + take]
+            filled, start = filled + take, start + take
+            if filled == batch:
+                np.save(folder / f"{files:06d}.npy", buffer)
+                filled, files = 0, files + 1
+        count += len(images)
+    if filled:
+        buffer[filled:] = 0
+        np.save(folder / f"{files:06d}.npy", buffer)
+    return count
+
+
+def om_results(om_dir: Path, batches: Iterable[np.ndarray], labels: np.ndarray, cfg,
+               scratch: Path) -> tuple[dict | None, list[dict], str | None]:
     """Accuracy and speed of the compiled OM models through ais_bench, or why not measured.
+    `batches`, the test images batch by batch, are read only when the OM is measured.
 
     Returns (accuracy or None, speed rows, reason when skipped).
     """
@@ -102,13 +128,10 @@ def om_results(om_dir: Path, images: np.ndarray, labels: np.ndarray, cfg, scratc
     batch = max(static)
     inputs = scratch / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    padded = -len(images) % batch
-    full = np.concatenate([images, np.zeros((padded, *images.shape[1:]), images.dtype)])
-    for i in range(0, len(full), batch):
-        np.save(inputs / f"{i // batch:06d}.npy", full[i:i + batch])
+    count = write_om_inputs(batches, batch, inputs)
     run_ais_bench(static[batch], batch=batch, loop=1, output_dir=scratch / "accuracy",
                   input_path=inputs)
-    logits = np.concatenate(read_ais_outputs(scratch / "accuracy"))[:len(images)]
+    logits = np.concatenate(read_ais_outputs(scratch / "accuracy"))[:count]
     return topk_accuracy(logits, labels), speed, None
 
 
@@ -252,12 +275,18 @@ def _test_loader(params: Params, data_root: Path, splits: Path, resolution: int)
     return DataLoader(test_set, batch_size=ACCURACY_BATCH, num_workers=params.train.workers)
 
 
+def _images(loader: DataLoader) -> Iterator[np.ndarray]:
+    """The loader's images, batch by batch; nothing is read until the first is asked for."""
+    for images, _ in loader:
+        yield images.numpy()
+
+
 def _om(om_dir: Path, loader: DataLoader, labels: np.ndarray, cfg, accuracy: dict,
         skipped: dict) -> list[dict]:
     """Add the OM row's accuracy (or why it was skipped); return its speed rows."""
-    images = np.concatenate([x.numpy() for x, _ in loader]).astype(np.float32)
     with tempfile.TemporaryDirectory() as scratch:
-        om_accuracy, om_speed, om_skipped = om_results(om_dir, images, labels, cfg, Path(scratch))
+        om_accuracy, om_speed, om_skipped = om_results(om_dir, _images(loader), labels, cfg,
+                                                       Path(scratch))
     if om_accuracy:
         accuracy["om"] = om_accuracy
     if om_skipped:

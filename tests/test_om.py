@@ -457,3 +457,38 @@ def test_read_ais_outputs_natural_order(tmp_path: Path) -> None:
 def test_read_ais_outputs_empty_raises(tmp_path: Path) -> None:
     with pytest.raises(OMError, match="no .npy outputs"):
         read_ais_outputs(tmp_path)
+
+
+def test_om_inputs_are_written_one_static_batch_at_a_time(tmp_path: Path) -> None:
+    """The test split reaches ais_bench as files of exactly the OM's batch, the last padded
+    with zeros, from loader batches of another size (only one file's worth is held)."""
+    from tasks.evaluate import write_om_inputs
+
+    images = np.random.default_rng(0).random((23, 3, 4, 4), dtype=np.float32)
+    loader = (images[i:i + 5] for i in range(0, 23, 5))  # batches of 5, 5, 5, 5, 3
+    assert write_om_inputs(loader, 8, tmp_path) == 23
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["000000.npy", "000001.npy", "000002.npy"]
+    written = np.concatenate([np.load(f) for f in files])
+    assert written.shape == (24, 3, 4, 4) and written.dtype == np.float32
+    assert np.array_equal(written[:23], images) and not written[23:].any()
+
+
+def test_the_test_split_is_not_read_for_an_om_that_was_not_built(clean_env: Path,
+                                                                  onnx_file: Path,
+                                                                  tmp_path: Path) -> None:
+    """Without ATC (any host but an Ascend one) the OM row is skipped before a single test
+    image is read for it: no second pass over the split, nothing held in memory."""
+    from tasks.evaluate import _om
+
+    out = tmp_path / "om"
+    compile_om(onnx_file, out, batch_sizes=[1], resolution=RES, soc_version=None,
+               dynamic_batch=False)
+
+    class Unread:
+        def __iter__(self):
+            raise AssertionError("the test images were read")
+
+    accuracy, skipped = {}, {}
+    assert _om(out, Unread(), np.zeros(3, np.int64), None, accuracy, skipped) == []
+    assert accuracy == {} and skipped["om"].startswith("atc not found on PATH: ")
