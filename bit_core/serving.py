@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 RECORD_KEY = "bit.model"  # the ONNX metadata_props entry holding the model record
+TOP_K = 5  # classes answered per image unless asked otherwise
 
 
 class ImageError(ValueError):
@@ -156,19 +157,23 @@ class ImageClassifier:
         """The model's logits for a float32 (N, 3, H, W) batch (ONNX Runtime here)."""
         return self.session.run(None, {self.input: batch})[0]
 
-    def check_top_k(self, top_k: int) -> int:
+    def check_top_k(self, top_k: int | None) -> int:
+        """`top_k` if the model has that many classes; None: :data:`TOP_K`, or every class
+        when it has fewer."""
+        if top_k is None:
+            return min(TOP_K, len(self.classes))
         if not 1 <= top_k <= len(self.classes):
             raise ImageError(f"top-k {top_k}: the model has {len(self.classes)} classes; ask "
                              f"for 1 to {len(self.classes)}")
         return top_k
 
-    def top(self, probabilities: np.ndarray, top_k: int) -> list[Prediction]:
+    def top(self, probabilities: np.ndarray, top_k: int | None = None) -> list[Prediction]:
         """The `top_k` classes of each row of `probabilities`."""
         order = np.argsort(-probabilities, axis=1, kind="stable")[:, :self.check_top_k(top_k)]
         return [Prediction([self.classes[i] for i in row], [float(p[i]) for i in row])
                 for row, p in zip(order, probabilities, strict=True)]
 
-    def classify(self, images: list[Image.Image], top_k: int = 5) -> list[Prediction]:
+    def classify(self, images: list[Image.Image], top_k: int | None = None) -> list[Prediction]:
         """The top classes of each image."""
         if not images:
             return []

@@ -31,7 +31,8 @@ class BitImageModel(mlflow.pyfunc.PythonModel):
         return np.asarray(value, np.float32)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        top_k = int((params or {}).get("top_k", min(5, len(self.classifier.classes))))
+        top_k = (params or {}).get("top_k")
+        top_k = None if top_k is None else int(top_k)
         values = model_input["image"].tolist() if isinstance(model_input, pd.DataFrame) \
             else list(model_input)
         if not values:

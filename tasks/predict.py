@@ -157,7 +157,8 @@ def image_paths(inputs: list[Path]) -> Iterator[Path]:
             yield path
 
 
-def predict(classifier: ImageClassifier, inputs: list[Path], top_k: int) -> list[Result]:
+def predict(classifier: ImageClassifier, inputs: list[Path], top_k: int | None = None
+            ) -> list[Result]:
     """Classify every image under `inputs`, in order; unreadable ones are results with an
     error."""
     classifier.check_top_k(top_k)
@@ -176,7 +177,8 @@ def predict(classifier: ImageClassifier, inputs: list[Path], top_k: int) -> list
     return results
 
 
-def _classify(classifier: ImageClassifier, pending: list, top_k: int, results: list) -> None:
+def _classify(classifier: ImageClassifier, pending: list, top_k: int | None,
+              results: list) -> None:
     found = classifier.classify([image for _, _, image in pending], top_k)
     for (index, path, _), prediction in zip(pending, found, strict=True):
         results[index] = Result(str(path), prediction)

@@ -118,7 +118,7 @@ def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     example = pd.DataFrame({"image": [_example_image()]})
-    signature = infer_signature(example, params={"top_k": min(5, classes)})
+    signature = infer_signature(example, params={"top_k": min(serving.TOP_K, classes)})
     signature.inputs = Schema([ColSpec(AnyType(), "image")])  # encoded image or tensor
     requirements = [f"mlflow=={mlflow.__version__}", f"onnxruntime=={onnxruntime.__version__}",
                     f"pillow=={PIL.__version__}", f"numpy=={np.__version__}",

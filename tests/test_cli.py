@@ -199,6 +199,17 @@ def test_bit_predict_input_errors_are_one_line(tmp_path, monkeypatch, args, mess
     assert "Traceback" not in result.output and sorted(tmp_path.iterdir()) == before
 
 
+
+def test_bit_predict_shows_every_class_of_a_model_with_fewer_than_five(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    tiny_onnx(tmp_path / "tiny.onnx")  # classes a, b, c
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "green.png")
+    result = runner.invoke(app, ["predict", "--model", "tiny.onnx", "--json", "green.png"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)[0]["classes"] == ["b", "c", "a"]
+
 def test_flow_names_the_failed_stages_own_error_in_one_line(tmp_path, repo_root, monkeypatch):
     """A stage that fails with its one-line error: `bit flow` ends with that line (not DVC's
     closing "failed to reproduce" line, nor a traceback) and exit 2."""
