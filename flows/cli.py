@@ -233,8 +233,8 @@ def predict(
     model: str = typer.Option("champion", "--model", "-m", help="champion, challenger, a "
                               "registered version number, or an .onnx / checkpoint .pt file"),
     top_k: int | None = typer.Option(None, "--top-k", "-k", show_default=False,
-                                     help="classes to show per image [default: 5, or all the "
-                                     "model has when fewer]"),
+                                     help="classes to show per image (default: 5, or all the "
+                                     "model has when fewer)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Classify images with the registered model (or a model file); exit 1 if any is unreadable."""
