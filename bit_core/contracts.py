@@ -28,6 +28,7 @@ OM_MANIFEST = "manifest.json"  # models/om
 IR_MANIFEST = "manifest.json"  # models/openvino
 SPLIT_MARKER = "split.json"  # data/raw of a source with official train/ and test/ folders
 DATA_METRICS = "metrics.json"  # reports/data: the prepare stage's data report numbers
+EVALUATION = "metrics.json"  # reports/eval, and in a registered model: the evaluation's numbers
 MLFLOW_RUN = "mlflow_run.json"  # models/finetuned (and models/resume while a run is unfinished)
 
 # --- what a flow that starts the fine-tune on several hosts hands each node -----------------------

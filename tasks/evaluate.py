@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 from bit_core.backends import (GATE_PP, OM, REFERENCE, Backend, Plan, fastest, gate_miss,
                                plan)
 from bit_core.config import Params
-from bit_core.contracts import (CHECKPOINT, IR_MANIFEST, OM_MANIFEST, EvaluationMetrics,
-                                IRManifest, IRStatus, OMManifest, OMStatus, metric_key)
+from bit_core.contracts import (CHECKPOINT, EVALUATION, IR_MANIFEST, OM_MANIFEST,
+                                EvaluationMetrics, IRManifest, IRStatus, OMManifest, OMStatus,
+                                metric_key)
 from bit_core.data import ImageListDataset, check_loader_workers, eval_transform
 from bit_core.device import CpuUnits, cpu_units, resolve_device
 from bit_core.errors import ContractError, ParityError
@@ -261,7 +262,7 @@ def _log_run(checkpoint_dir: Path, metrics: EvaluationMetrics, out: Path, om_dir
         mlflow.log_metrics({f"test_{k}" if "top" in k else k: v
                             for k, v in metrics.values().items()})
         mlflow.set_tags({f"eval.fastest.{batch}": name for batch, name in metrics.fastest.items()})
-        for name in ("metrics.json", "fps.json", "fps.md", "fps.png", "confusion.png"):
+        for name in (EVALUATION, "fps.json", "fps.md", "fps.png", "confusion.png"):
             mlflow.log_artifact(str(out / name), "evaluation")
         for path in (om_dir / OM_MANIFEST, *sorted(om_dir.glob("*.om"))):
             if path.is_file():
@@ -354,7 +355,7 @@ def evaluate(params: Params, checkpoint_dir: Path, onnx_path: Path, om_dir: Path
 
 def _write_reports(metrics: EvaluationMetrics, accuracy: dict, speed: list[dict],
                    logits_by: dict, labels: np.ndarray, splits: Path, out: Path) -> None:
-    metrics.write(out / "metrics.json")
+    metrics.write(out / EVALUATION)
     atomic_write_json(out / "fps.json", speed)
     table = markdown_table(accuracy, speed, metrics)
     atomic_write_text(out / "fps.md", table)

@@ -85,8 +85,9 @@ def exported_classifier(onnx_path: Path, ir_dir: Path | None = None,
 
 def _registered(name: str, spec: str, into: Path) -> tuple[Path, Path | None, dict[str, float]]:
     """The ONNX file of a registered version (`spec`: an alias or a version number), the
-    OpenVINO IR registered with it (or None) and the metrics of the run that evaluated it.
-    A store on this disk is read in place; a remote one is downloaded under `into`."""
+    OpenVINO IR registered with it (or None) and its evaluation's metrics (registered with it;
+    those of its run for a version registered without them). A store on this disk is read in
+    place; a remote one is downloaded under `into`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -113,9 +114,11 @@ def _registered(name: str, spec: str, into: Path) -> tuple[Path, Path | None, di
     if not found:
         raise ConfigError(f"{uri} has no ONNX file: it was registered by an older version of "
                           "the pipeline; re-run the register stage")
-    from bit_core.contracts import IR_MANIFEST
+    from bit_core.contracts import EVALUATION, IR_MANIFEST, EvaluationMetrics
 
     ir = sorted(local.glob(f"artifacts/*/{IR_MANIFEST}"))  # the IR folder, under its own name
+    if (local / "artifacts" / EVALUATION).is_file():
+        metrics = EvaluationMetrics.read(local / "artifacts" / EVALUATION, "evaluate").values()
     return found[0], ir[0].parent if ir else None, metrics
 
 

@@ -107,10 +107,12 @@ def _example_image() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None):
+def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None,
+               evaluation: Path | None = None):
     """The self-contained image model (tasks/mlflow_model.py, with the ONNX file and bit_core's
     serving code inside, and the OpenVINO IR beside them when `ir_dir` is given) logged to the
-    active run."""
+    active run, with `evaluation`, the metrics that `bit predict` chooses its back-end by: the
+    run's own may hold an earlier evaluation's numbers for a back-end that this one dropped."""
     import onnxruntime
     import pandas as pd
     import PIL
@@ -130,7 +132,8 @@ def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None
         shutil.copyfile(serving.__file__, package / "serving.py")
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"onnx": str(onnx_path), **({"openvino": str(ir_dir)} if ir_dir else {})},
+            artifacts={"onnx": str(onnx_path), **({"openvino": str(ir_dir)} if ir_dir else {}),
+                       **({"evaluation": str(evaluation)} if evaluation else {})},
             code_paths=[str(package)],
             signature=signature, input_example=example, pip_requirements=requirements)
 
@@ -162,7 +165,8 @@ def register(params: Params, onnx_path: Path, checkpoint_dir: Path, eval_metrics
 
         client = MlflowClient()
         record = ModelRecord.of_onnx(onnx_path)  # a model without its record is refused here
-        info = _log_model(mlflow, onnx_path, len(record.classes), _built_ir(ir_dir))
+        info = _log_model(mlflow, onnx_path, len(record.classes), _built_ir(ir_dir),
+                          eval_metrics)
         before = _holder(client, cfg.model_name)
         version = mlflow.register_model(info.model_uri, cfg.model_name, tags={
             METRIC_TAG: str(value), PARITY_TAG: str(parity), SOURCE_TAG: params.data.source,
