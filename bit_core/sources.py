@@ -43,7 +43,24 @@ def count_images(folder: Path) -> int:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The visible sub-folders of `folder`; DataError for a link to a folder that is gone (its
+    class would silently be missing)."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_symlink() and not path.exists():
+            raise DataError(f"{path} is a link to {os.readlink(path)}, which does not exist: fix "
+                            "the link or remove it")
+        if path.is_dir():
+            found.append(path)
+    return found
+
+
+# Names a folder of a split takes (matched in any case), as data sets are published: Kaggle's
+# Training/ and Testing/, Roboflow's valid/, ImageNet's train/ and val/.
+SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"),
+               "test": ("test", "testing")}
 
 
 def split_folders(folder: Path) -> dict[str, str] | None:
@@ -59,24 +76,33 @@ def split_folders(folder: Path) -> dict[str, str] | None:
         DataError: split and class folders are mixed, or train/ or a held-out folder is missing.
     """
     names = [p.name for p in _subfolders(folder)]
-    given = [name for name in SPLITS if name in names]
-    if not any(_subfolders(folder / name) for name in given):
+    found: dict[str, list[str]] = {}
+    for name in names:
+        split = next((s for s, aliases in SPLIT_NAMES.items() if name.lower() in aliases), None)
+        if split:
+            found.setdefault(split, []).append(name)
+    if not any(_subfolders(folder / name) for named in found.values() for name in named):
         return None  # no split folder of class folders: train/, val/ or test/ are classes
-    others = [name for name in names if name not in given]
+    for split, named in found.items():
+        if len(named) > 1:
+            raise DataError(f"{folder} has {' and '.join(f'{n}/' for n in named)}, which name "
+                            f"the same split ({split}): merge them or rename one")
+    given = {split: found[split][0] for split in SPLITS if split in found}
+    shown = " and ".join(f"{name}/" for name in given.values())  # in train, val, test order
+    others = [name for name in names if name not in given.values()]
     if others:
-        raise DataError(f"{folder} mixes split folders ({', '.join(given)}) and class folders "
-                        f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): move "
+        raise DataError(f"{folder} mixes split folders ({', '.join(given.values())}) and class "
+                        f"folders ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): move "
                         "the class folders into train/ and val/ or test/, or the split folders "
                         "out")
     if "train" not in given:
-        raise DataError(f"{folder} has {' and '.join(f'{g}/' for g in given)} but no train/: add "
-                        "train/<class>/ folders")
-    if given == ["train"]:
-        raise DataError(f"{folder} has train/ but no val/ or test/: add one, or set data.folder "
-                        f"to {folder / 'train'} to split it seeded")
+        raise DataError(f"{folder} has {shown} but no train/: add train/<class>/ folders")
+    if list(given) == ["train"]:
+        raise DataError(f"{folder} has {shown} but no val/ or test/: add one, or set "
+                        f"data.folder to {folder / given['train']} to split it seeded")
     if "test" not in given:
-        return {"train": "train", "test": "val"}
-    return {split: split for split in given}
+        return {"train": given["train"], "test": given["val"]}
+    return {split: given[split] for split in SPLITS if split in given}
 
 
 def _split_classes(folder: Path, splits: dict[str, str]) -> list[str]:

@@ -547,6 +547,37 @@ def test_class_folders_named_like_splits_stay_classes(tmp_path: Path, paths: lis
     assert sorted(p.name for p in out.iterdir()) == sorted(p.split("/")[0] for p in paths)
 
 
+
+@pytest.mark.parametrize("paths,splits", [
+    (["Training/glioma/a.png", "Training/notumor/b.png", "Testing/glioma/c.png",
+      "Testing/notumor/d.png"], {"train": "Training", "test": "Testing"}),
+    (["train/cat/a.png", "train/dog/b.png", "valid/cat/c.png", "valid/dog/d.png",
+      "TEST/cat/e.png", "TEST/dog/f.png"], {"train": "train", "val": "valid", "test": "TEST"}),
+])
+def test_split_folders_are_known_by_the_names_data_sets_publish_them_under(
+        tmp_path: Path, paths: list[str], splits: dict[str, str]) -> None:
+    """Kaggle's Training/ and Testing/ are splits, not two classes whose images are sub-folders."""
+    src = _tree(tmp_path / "photos", paths)
+    out = tmp_path / "raw"
+    assert fetch(DataConfig(source="imagefolder", folder=str(src)), out) == len(paths)
+    marker = read_split_marker(out)
+    assert marker["splits"] == splits and len(marker["classes"]) == 2
+
+
+def test_two_folders_of_one_split_and_a_broken_class_link_are_one_line_errors(
+        tmp_path: Path) -> None:
+    src = _tree(tmp_path / "photos", ["train/cat/a.png", "val/cat/b.png", "Validation/cat/c.png"])
+    with pytest.raises(DataError, match=r"photos has Validation/ and val/, which name the same "
+                                        r"split \(val\): merge them or rename one$"):
+        fetch(DataConfig(source="imagefolder", folder=str(src)), tmp_path / "raw")
+    src = _tree(tmp_path / "flat", ["cat/a.png", "dog/b.png"])
+    (src / "bird").symlink_to(tmp_path / "gone" / "bird")
+    with pytest.raises(DataError, match=r"flat/bird is a link to .*gone/bird, which does not "
+                                        r"exist: fix the link or remove it$"):
+        fetch(DataConfig(source="imagefolder", folder=str(src)), tmp_path / "raw")
+    assert not (tmp_path / "raw").exists()
+
+
 SPLIT = ["train/cat/a.png", "train/dog/b.png", "val/cat/c.png", "val/dog/d.png"]
 
 
