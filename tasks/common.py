@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -62,6 +63,11 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     except USER_ERRORS as err:
         print(error_line(name, err), file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno not in HOST_FIXES:  # a defect of ours: the traceback is the report
+            raise
+        print(error_line(name, host_error(err)), file=sys.stderr)
+        return 2
     except Terminated:
         print(error_line(name, "stopped by SIGTERM; nothing half-written is left: run it again"),
               file=sys.stderr)
@@ -70,6 +76,23 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
         if previous is not None:  # called in-process (tests, a flow): leave SIGTERM as it was
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+# Errors of the host rather than of the stage, and what the user does about each.
+HOST_FIXES = {
+    errno.ENOSPC: "free space on that file system, or move the data, the DVC cache or TMPDIR "
+                  "to a larger one",
+    errno.EDQUOT: "free space within your quota, or write to another file system",
+    errno.EACCES: "make that path readable and writable by you, or use another one",
+    errno.EPERM: "make that path readable and writable by you, or use another one",
+    errno.EROFS: "that file system is read-only: write to another one",
+}
+
+
+def host_error(err: OSError) -> str:
+    """One line for an OSError in :data:`HOST_FIXES`: what failed, where, and the fix."""
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
+    return f"{err.strerror or err}{f': {where}' if where else ''}: {HOST_FIXES[err.errno]}"
 
 
 def error_line(name: str, err: BaseException) -> str:

@@ -96,3 +96,35 @@ def test_a_stage_stopped_by_sigterm_removes_what_it_was_writing(tmp_path: Path, 
     assert stage.returncode == 143
     assert err == "error: demo: stopped by SIGTERM; nothing half-written is left: run it again\n"
     assert list(work.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path: Path, repo_root,
+                                                              monkeypatch, capsys):
+    """No space left (/dev/full answers every write so) ends a stage in one line, exit 2, with
+    what it was writing removed."""
+    import errno
+
+    from bit_core.io import atomic_dir
+    from tasks.common import host_error, stage_main
+
+    monkeypatch.setenv("BIT_PARAMS", str(repo_root / "params.yaml"))
+
+    def run(args, params):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "first.png").write_bytes(b"fine")
+            with open("/dev/full", "wb") as full:
+                full.write(b"\0" * 65536)
+
+    assert stage_main("fetch_data", lambda parser: None, run, argv=[]) == 2
+    assert capsys.readouterr().err == (
+        "error: fetch_data: No space left on device: free space on that file system, or move the "
+        "data, the DVC cache or TMPDIR to a larger one\n")
+    assert list(tmp_path.iterdir()) == []
+    copying = OSError(errno.ENOSPC, "No space left on device", "/photos/a.png", None,
+                      "data/.raw.x/a.png")  # as shutil's copy of one file to another says it
+    assert host_error(copying).startswith("No space left on device: /photos/a.png -> "
+                                          "data/.raw.x/a.png: free space on that file system")
+    with pytest.raises(IsADirectoryError):  # not the host's: the stage's own traceback
+        stage_main("fetch_data", lambda parser: None,
+                   lambda args, params: open(tmp_path, "rb"), argv=[])
