@@ -50,10 +50,15 @@ class _Record(BaseModel):
             raise ContractError(f"{path} is missing: run the {produced_by} stage")
         try:
             return cls.model_validate(json.loads(path.read_text()))
-        except (ValueError, ValidationError) as err:
-            first = str(err).splitlines()[0]
-            raise ContractError(f"{path} is not a valid {cls.__name__} ({first}): re-run the "
-                                f"{produced_by} stage") from None
+        except ValidationError as err:
+            found = err.errors()[0]
+            field = ".".join(map(str, found["loc"])) or "the record"
+            why = f"{field}: {found['msg']}" + (f" (and {err.error_count() - 1} more)"
+                                                 if err.error_count() > 1 else "")
+        except ValueError as err:  # not JSON
+            why = str(err).splitlines()[0]
+        raise ContractError(f"{path} is not a valid {cls.__name__} ({why}): re-run the "
+                            f"{produced_by} stage") from None
 
     def write(self, path: Path) -> Path:
         """Write the record atomically as JSON."""

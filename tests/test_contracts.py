@@ -50,5 +50,6 @@ def test_a_manifest_from_other_code_is_one_line(tmp_path):
     with pytest.raises(ContractError) as err:
         OMManifest.read(path, "compile_om")
     assert "\n" not in str(err.value) and "re-run the compile_om stage" in str(err.value)
+    assert "(status: Input should be 'built' or 'skipped' (and " in str(err.value)  # the field
     with pytest.raises(ContractError, match="missing: run the compile_om stage"):
         OMManifest.read(tmp_path / "absent.json", "compile_om")
