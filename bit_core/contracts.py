@@ -39,6 +39,14 @@ RDZV_ID_ENV = "BIT_RDZV_ID"  # the run's own meeting name
 NODE_RANK_ENV = "BIT_NODE_RANK"  # this node's rank, 0 to train.nodes - 1
 
 
+def onnx_files(path: Path) -> list[Path]:
+    """The files of an exported ONNX model at `path` (models/onnx/:data:`ONNX_FILE`): the graph,
+    and the weights file beside it when the export kept them apart (over ~1.8 GB). They go
+    everywhere together: ONNX Runtime reads the weights from beside the graph."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
+
 class _Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -101,8 +101,9 @@ def export_onnx(model: nn.Module, path: Path, *, resolution: int, opset: int = 1
         proto = onnxslim.slim(proto)
     if metadata:
         onnx.helper.set_model_props(proto, metadata)
-    onnx.checker.check_model(proto, full_check=False)
-    return save_onnx(proto, Path(path))
+    path = save_onnx(proto, Path(path))
+    onnx.checker.check_model(str(path), full_check=False)  # from the file: a graph with its
+    return path  # weights over protobuf's 2 GiB (BiT-*-R152x4) is checked only that way
 
 
 def op_types(path: Path) -> set[str]:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bit_core.config import Params
-from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport
+from bit_core.contracts import CHECKPOINT, ONNX_FILE, ExportReport, onnx_files
 from bit_core.record import ModelRecord
 from bit_core.export import check_parity, export_onnx, op_types, real_batch
 from bit_core.io import atomic_dir
@@ -28,7 +28,8 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
         parity = check_parity(model, path, batches=cfg.parity_batches, resolution=resolution,
                               atol=cfg.atol, rtol=cfg.rtol,
                               real_images=real_batch(data_root, splits, resolution))
-        result = ExportReport(opset=cfg.opset, onnx_bytes=path.stat().st_size,
+        result = ExportReport(opset=cfg.opset,
+                              onnx_bytes=sum(f.stat().st_size for f in onnx_files(path)),
                               op_types=sorted(op_types(path)), **parity)
     path = out / ONNX_FILE
     result.write(report)
@@ -36,7 +37,8 @@ def export(params: Params, checkpoint_dir: Path, data_root: Path, splits: Path, 
         if mlflow:
             mlflow.log_metrics({"onnx_max_abs_diff": result.max_abs_diff,
                                 "onnx_max_diff_to_tolerance": result.max_diff_to_tolerance})
-            mlflow.log_artifact(str(path), "onnx")
+            for file in onnx_files(path):
+                mlflow.log_artifact(str(file), "onnx")
     return result
 
 

@@ -27,7 +27,8 @@ import numpy as np
 from bit_core import serving
 
 from bit_core.config import Params
-from bit_core.contracts import IR_MANIFEST, EvaluationMetrics, ExportReport, IRManifest, IRStatus
+from bit_core.contracts import (IR_MANIFEST, EvaluationMetrics, ExportReport, IRManifest, IRStatus,
+                                onnx_files)
 from bit_core.record import ModelRecord
 from bit_core.errors import ConfigError
 from bit_core.io import atomic_write_json
@@ -132,10 +133,17 @@ def _log_model(mlflow, onnx_path: Path, classes: int, ir_dir: Path | None = None
         shutil.copyfile(serving.__file__, package / "serving.py")
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")),
-            artifacts={"onnx": str(onnx_path), **({"openvino": str(ir_dir)} if ir_dir else {}),
+            artifacts={"onnx": str(onnx_path), **_weights_beside(onnx_path),
+                       **({"openvino": str(ir_dir)} if ir_dir else {}),
                        **({"evaluation": str(evaluation)} if evaluation else {})},
             code_paths=[str(package)],
             signature=signature, input_example=example, pip_requirements=requirements)
+
+
+def _weights_beside(onnx_path: Path) -> dict[str, str]:
+    """The model's weights file as an artifact, when the graph keeps them apart (over ~1.8 GB):
+    copied beside the graph, where ONNX Runtime looks for them."""
+    return {"onnx_weights": str(file) for file in onnx_files(onnx_path)[1:]}
 
 
 def _built_ir(ir_dir: Path | None) -> Path | None:

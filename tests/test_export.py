@@ -74,3 +74,20 @@ def test_parity_failure_is_reported(trained_like):
     torch.nn.init.normal_(other.fc.weight, std=0.05)
     with pytest.raises(ParityError, match="at batch 1"):
         check_parity(other.eval(), path, batches=[1], resolution=32, atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_over_the_limit_keeps_its_weights_beside_the_graph(trained_like, tmp_path,
+                                                                   monkeypatch):
+    """Over ~1.8 GB (BiT-*-R152x4 is 3.7 GB) the weights go to model.onnx.data; the graph is
+    checked from the file (protobuf cannot hold more than 2 GiB) and matches PyTorch."""
+    from bit_core import export
+    from bit_core.contracts import onnx_files
+
+    model, _ = trained_like
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 1000)
+    path = export_onnx(model, tmp_path / "model.onnx", resolution=32)
+    assert onnx_files(path) == [path, tmp_path / "model.onnx.data"]
+    assert (tmp_path / "model.onnx.data").stat().st_size > 50 * path.stat().st_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    report = check_parity(model, path, batches=[2], resolution=32, atol=1e-4, rtol=1e-4)
+    assert report["max_abs_diff"] < 1e-3

@@ -233,3 +233,35 @@ def test_two_registers_at_once_leave_the_right_champion(tmp_path, mlflow_server,
         client = MlflowClient(mlflow_server)
         champion = client.get_model_version_by_alias("raced", CHAMPION)
         assert champion.tags["test_metric"] == "96.0", outputs
+
+
+def test_a_model_with_its_weights_beside_the_graph_is_registered_whole(tmp_path,
+                                                                        tracking_store,
+                                                                        repo_root):
+    """A model over ~1.8 GB (BiT-*-R152x4) keeps its weights in model.onnx.data: the registered
+    model carries that file beside the graph, and answers from it."""
+    import mlflow
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bit_core.record import ModelRecord
+
+    swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], np.float32)  # logits b, a, c
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "swap"], ["logits"])], "apart",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [numpy_helper.from_array(swap, "swap")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    helper.set_model_props(model, ModelRecord(model_name="BiT-M-R50x1", classes=["a", "b", "c"],
+                                              resolution=4, precrop=5).onnx_metadata())
+    onnx.save_model(model, str(tmp_path / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    params = load_params(repo_root / "params.yaml")
+    assert _pipeline_run(tmp_path, params, "apart", 95.0)["alias"] == CHAMPION
+
+    pyfunc = mlflow.pyfunc.load_model("models:/bit-classifier@champion")
+    out = pyfunc.predict(pd.DataFrame({"image": [png((255, 0, 0))]}), params={"top_k": 1})
+    assert list(out["classes"][0]) == ["b"]  # red: channel a, swapped to b by the weights
