@@ -35,10 +35,11 @@ def create_model(name: str, num_classes: int | None = None,
 
     Args:
         name: official variant name, e.g. ``BiT-M-R50x1`` (see :func:`list_models`).
-        num_classes: head size; None keeps the upstream head (1000 for BiT-S, 21843 for BiT-M).
-            A new head is zero-initialised.
-        weights: an official ``.npz`` (head loaded only if the class count matches) or a
-            checkpoint ``.pt`` written by this project.
+        num_classes: head size of a new, zero-initialised head (as BiT fine-tunes), even when
+            it is the upstream size; None keeps the upstream head (1000 classes for BiT-S,
+            21843 for BiT-M), loaded from `weights`.
+        weights: an official ``.npz`` or a checkpoint ``.pt`` written by this project (whose
+            head is always loaded: it must have `num_classes`).
     """
     from bit_core.model import build_model
     from bit_core.weights import load_checkpoint_into, load_npz
@@ -47,6 +48,6 @@ def create_model(name: str, num_classes: int | None = None,
     if weights is None:
         return model
     if Path(weights).suffix == ".npz":
-        return load_npz(model, Path(weights))
+        return load_npz(model, Path(weights), head=num_classes is None)
     load_checkpoint_into(model, Path(weights))
     return model

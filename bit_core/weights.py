@@ -123,19 +123,20 @@ def check_arrays(arrays: dict[str, np.ndarray], model: ResNetV2, source: str = "
 
 
 @torch.no_grad()
-def load_npz(model: ResNetV2, path: Path) -> ResNetV2:
+def load_npz(model: ResNetV2, path: Path, head: bool = True) -> ResNetV2:
     """Load an official `.npz` into `model`, all or nothing.
 
-    The head is copied only when its class count matches; otherwise it is zero-initialised
-    (BiT fine-tunes from a zero head).
+    The upstream head is copied when `head` is asked for and its class count matches;
+    otherwise the head is zero-initialised, as BiT fine-tunes from a zero head (an upstream
+    head of the same size, BiT-S's 1000 ImageNet classes say, means nothing for other classes).
     """
     arrays = read_npz(path)
-    head_fits = check_arrays(arrays, model, source=str(path))
+    keep = check_arrays(arrays, model, source=str(path)) and head
     for key, param in npz_layout(model).items():
-        if key in HEAD_KEYS and not head_fits:
+        if key in HEAD_KEYS and not keep:
             continue
         param.copy_(_to_torch_layout(arrays[key]))
-    if not head_fits:
+    if not keep:
         model.reset_classifier(model.num_classes)
     return model
 

@@ -21,7 +21,7 @@ from bit_core.config import Params, TrainConfig
 from bit_core.contracts import CHECKPOINT, WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.data import ImageListDataset, eval_transform, train_transform
 from bit_core.device import resolve_device
-from bit_core.errors import ClusterError
+from bit_core.errors import ClusterError, ConfigError
 from bit_core.evaluate import predict_all, topk_accuracy, torch_predictor
 from bit_core.hyperrule import resolve_resolution
 from bit_core.io import atomic_path, atomic_write, atomic_write_json
@@ -127,8 +127,12 @@ def _trainer(params: Params, world: distributed.World, device: torch.device, dat
     cfg = params.train
     train_set, val_set, classes, (precrop, crop) = datasets
     weights = weights_dir / WEIGHTS_FILE
+    if params.weights.source != "none" and not weights.is_file():
+        raise ConfigError(f"weights.source is {params.weights.source} but {weights} does not "
+                          "exist: run the fetch_weights stage (or set weights.source: none to "
+                          "train from scratch)")
     model = create_model(params.model.name, num_classes=len(classes),
-                         weights=weights if weights.is_file() else None).to(device)
+                         weights=weights if params.weights.source != "none" else None).to(device)
 
     def evaluate(net) -> dict:
         if not len(val_set) or not world.is_main:

@@ -8,7 +8,7 @@ import torch
 
 from bit_core import create_model, fold_weight_standardization, list_models
 from bit_core.model import StdConv2d, build_model
-from bit_core.weights import save_npz, to_checkpoint_layout
+from bit_core.weights import load_npz, save_npz, to_checkpoint_layout
 
 # Parameter counts with a 1000-class head (millions, as timm and the paper's code report them).
 PARAM_COUNTS_M = {"R50x1": 25.55, "R50x3": 217.32, "R101x1": 44.54, "R101x3": 387.93,
@@ -126,7 +126,7 @@ def _timm_as_official_npz(tmp_path):
 
 def test_parity_with_timm_on_official_layout(tmp_path):
     ref, path = _timm_as_official_npz(tmp_path)
-    model = create_model("BiT-M-R50x1", num_classes=10, weights=path).eval()
+    model = load_npz(build_model("BiT-M-R50x1", 10), path).eval()  # its 10-class head too
     torch.manual_seed(2)
     x = torch.rand(4, 3, 128, 128) * 2 - 1
     with torch.no_grad():
@@ -140,6 +140,6 @@ def test_save_npz_round_trip(tmp_path):
     model = create_model("BiT-S-R50x1", num_classes=4)
     torch.nn.init.normal_(model.fc.weight)
     save_npz(model, tmp_path / "m.npz")
-    again = create_model("BiT-S-R50x1", num_classes=4, weights=tmp_path / "m.npz")
+    again = load_npz(build_model("BiT-S-R50x1", 4), tmp_path / "m.npz")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name

@@ -252,3 +252,19 @@ def test_data_loader_workers_need_a_short_temporary_folder(short_base, monkeypat
                 _trainer(_cfg(workers=1))
             assert "\n" not in str(err.value) and "set TMPDIR to a shorter path" in str(err.value)
             _trainer(_cfg(workers=0))  # no workers, no sockets
+
+
+def test_missing_pretrained_weights_stop_the_stage_instead_of_training_from_scratch(
+        digits_inputs, tmp_path):
+    """weights.source: official with no weights.npz (fetch_weights not run on this host, or a
+    wrong --weights): one line and exit 2, not a model trained from scratch in their name."""
+    from tests.finetune_runs import Stage, finish
+
+    stage = Stage(digits_inputs, f"sqlite:///{tmp_path / 'mlflow.db'}", [])
+    with stage.start(tmp_path / "run", ["weights.source=official"]) as process:
+        code, stderr = finish(process, tmp_path / "run")
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: finetune: weights.source is official but {digits_inputs}/models/pretrained/"
+        "weights.npz does not exist: run the fetch_weights stage (or set weights.source: none "
+        "to train from scratch)")
+    assert not (tmp_path / "run" / "out").exists()

@@ -52,6 +52,14 @@ def test_head_loaded_when_classes_match(official):
     assert torch.equal(model.fc.weight, source.fc.weight)
 
 
+def test_head_zeroed_for_fine_tuning_even_when_the_class_count_is_the_upstream_one(official):
+    """BiT fine-tunes from a zero head: 1000 classes of one's own are not ImageNet's 1000."""
+    path, source = official
+    model = create_model(NAME, num_classes=source.num_classes, weights=path)
+    assert torch.count_nonzero(model.fc.weight) == 0 and torch.count_nonzero(model.fc.bias) == 0
+    assert torch.equal(model.root.conv.weight, source.root.conv.weight)
+
+
 def test_head_zeroed_when_classes_differ(official):
     path, source = official
     model = create_model(NAME, num_classes=10, weights=path)
