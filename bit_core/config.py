@@ -51,7 +51,7 @@ class DataConfig(_Section):
     md5: str | None = Field(None, pattern=r"^[0-9a-fA-F]{32}$")  # url/archive MD5 when not the official file
     folder: str | None = None  # imagefolder: class sub-folders, or train/ and val/ or test/ of them
     imagenet_dir: str | None = None  # imagenet: directory holding the ILSVRC2012 archives
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     shots: int | None = Field(None, ge=1)  # few-shot: examples per class in train
@@ -102,7 +102,7 @@ class TrainConfig(_Section):
     """Fine-tuning; null values follow the BiT-HyperRule."""
 
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     resolution: int | None = Field(None, ge=8)  # crop size
     precrop: int | None = Field(None, ge=8)  # resize before the random crop
     flip: bool = True

@@ -46,10 +46,15 @@ class ClusterError(RuntimeError):
     names the rendezvous or the lost process and what to do."""
 
 
+class Diverged(ArithmeticError):
+    """Training's loss stopped being a finite number; the message says at which step and what
+    to change."""
+
+
 class WeightsError(ValueError):
     """A checkpoint that cannot be used as it is; the message names the problem and the fix."""
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, ContractError, DataError, DeviceError, DownloadError, ParityError, OMError,
-    Interrupted, ClusterError, WeightsError, FileNotFoundError)
+    Interrupted, ClusterError, WeightsError, Diverged, FileNotFoundError)

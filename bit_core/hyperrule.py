@@ -55,7 +55,11 @@ def get_resolution(original: tuple[int, int]) -> tuple[int, int]:
 def resolve_resolution(original: tuple[int, int], crop: int | None = None,
                        precrop: int | None = None) -> tuple[int, int]:
     """(pre-crop resize, crop) to train at: the rule's, or `crop` / `precrop` where given. A crop
-    given without a pre-crop keeps the rule's ratio between the two (160:128 or 512:480)."""
+    given without a pre-crop keeps the rule's ratio between the two (160:128 or 512:480); so
+    does a pre-crop given without a crop when the rule's crop would not fit in it (a pre-crop
+    of 160 on large images crops 150, not 480 out of 160)."""
     rule_precrop, rule_crop = get_resolution(original)
+    if precrop and not crop and precrop < rule_crop:
+        crop = round(precrop * rule_crop / rule_precrop)
     crop = crop or rule_crop
     return precrop or round(crop * rule_precrop / rule_crop), crop

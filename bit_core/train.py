@@ -29,7 +29,7 @@ from bit_core.data import check_loader_workers
 from bit_core.device import DeviceError, autocast, resolve_precision
 from bit_core.hyperrule import get_lr, get_mixup, get_schedule
 from bit_core.io import atomic_torch_save
-from bit_core.errors import Interrupted
+from bit_core.errors import Diverged, Interrupted
 
 StepCallback = Callable[[dict], None]
 log = logging.getLogger("bit")
@@ -427,8 +427,9 @@ class Trainer:
                 self.state.step = step + 1
                 self.state.history.append(record)
                 if not math.isfinite(record["loss"]):
-                    raise FloatingPointError(f"loss is {record['loss']} at step {step + 1}: lower "
-                                             "base_lr or use fp32")
+                    fp32 = "" if self.precision == "fp32" else " or set train.precision: fp32"
+                    raise Diverged(f"loss is {record['loss']} at step {step + 1}: lower "
+                                   f"train.base_lr{fp32}")
                 if self.on_step and self.rank == 0:
                     self.on_step(record)
                 self._maybe_evaluate()

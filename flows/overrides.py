@@ -24,15 +24,33 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
+# A preset decides the whole experiment: these sections go back to their defaults before its
+# values are written, all but the host's own settings (where downloads are kept, how the nodes
+# of a run meet), so nothing an earlier preset or -S left (data.shots, train.processes, a mirror
+# of another data set) changes what it trains.
+RECIPE_SECTIONS = ("data", "model", "weights", "train")
+HOST_SETTINGS = {"weights": {"cache_dir"},
+                 "train": {"rdzv_endpoint", "rdzv_id", "join_timeout", "peer_timeout"}}
+
+
+def _override(section: str, key: str, value: object) -> str:
+    return (f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+            .removesuffix("\n..."))
+
+
 def preset_overrides(name: str) -> list[str]:
-    """A preset file as ``section.key=value`` overrides (values in YAML flow style)."""
+    """A preset file as ``section.key=value`` overrides (values in YAML flow style), after the
+    defaults of everything else it decides (:data:`RECIPE_SECTIONS`)."""
     path = PRESETS / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(list_presets())}")
     sections = yaml.safe_load(path.read_text()) or {}
-    return [f"{section}.{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"
-            .removesuffix("\n...")
-            for section, values in sections.items() for key, value in values.items()]
+    defaults = [_override(section, key, field.get_default(call_default_factory=True))
+                for section in RECIPE_SECTIONS
+                for key, field in Params.model_fields[section].annotation.model_fields.items()
+                if key not in HOST_SETTINGS.get(section, ())]
+    return defaults + [_override(section, key, value)
+                       for section, values in sections.items() for key, value in values.items()]
 
 
 def parse_override(text: str) -> tuple[list[str], object]:

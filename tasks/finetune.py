@@ -182,8 +182,9 @@ def finetune(params: Params, data_root: Path, splits: Path, weights_dir: Path, o
             run.log_params(_plan_params(params, trainer, sizes, world, device, train_set, classes))
             trainer.on_eval = lambda m: run.log_metrics(
                 {k: v for k, v in m.items() if k != "step"}, step=m["step"])
+            started = trainer.state.step  # a resumed run's steps before this one are not timed
             state, seconds = _fit(trainer, resume_file, out, run)
-            metrics = _write_reports(params, state, seconds, reports)
+            metrics = _write_reports(params, state, state.step - started, seconds, reports)
             run.log_metrics({k: float(v) for k, v in metrics.items()})
             for name in ("loss.png", "loss.csv"):
                 run.log_artifact(reports / name, "plots")
@@ -218,13 +219,16 @@ def _both(*callbacks):
     return call
 
 
-def _write_reports(params: Params, state, seconds: float, reports: Path) -> dict:
+def _write_reports(params: Params, state, steps_timed: int, seconds: float, reports: Path
+                   ) -> dict:
+    """loss.csv, loss.png and metrics.json; images/s over the `steps_timed` steps that took
+    `seconds`."""
     write_history(state.history, reports / "loss.csv")
     plot_loss({"train": state.history}, reports / "loss.png",
               title=f"{params.model.name} on {params.data.source}")
     final = state.evals[-1] if state.evals else {}
     metrics = {"steps": state.step, "train_seconds": round(seconds, 2),
-               "train_images_per_s": round(state.step * params.train.batch / seconds, 2),
+               "train_images_per_s": round(steps_timed * params.train.batch / seconds, 2),
                "final_loss": state.history[-1]["loss"],
                **{k: v for k, v in final.items() if k != "step"}}
     atomic_write_json(reports / "metrics.json", metrics)

@@ -156,6 +156,21 @@ def test_a_preset_sets_the_whole_recipe_whatever_was_there(params_file, tmp_path
     assert fresh.weight_decay == 0.0 and fresh.momentum == 0.9
 
 
+def test_a_preset_leaves_nothing_of_an_earlier_one_but_the_hosts_settings(params_file):
+    """data.shots from a few-shot run changes the HyperRule's schedule and mixup, and the
+    imagenet preset's 8 processes need 8 devices: neither outlives the next preset. Where
+    downloads are cached and how nodes meet are the host's, and stay."""
+    from flows.overrides import preset_overrides
+
+    apply_overrides(params_file, preset_overrides("imagenet") + [
+        "data.shots=5", "data.url=https://mirror.example/imagenet.tar", "train.stop_after=2",
+        "weights.cache_dir=/data/cache", "train.rdzv_endpoint=head:29400"])
+    after = apply_overrides(params_file, preset_overrides("cifar10"))
+    assert (after.data.shots, after.data.url, after.train.processes, after.train.stop_after) == \
+        (None, None, 1, None)
+    assert (after.weights.cache_dir, after.train.rdzv_endpoint) == ("/data/cache", "head:29400")
+
+
 def test_unknown_preset(params_file):
     from flows.overrides import preset_overrides
 
@@ -171,6 +186,8 @@ def test_unknown_preset(params_file):
     ("compile.batch_sizes=[0, 4]", "compile.batch_sizes.0"),
     ("train.rdzv_endpoint=node-a", "train.rdzv_endpoint = 'node-a': write it as host:port"),
     ("train.processes=5", r"micro-batch 48 \(batch / batch_split\) is not divisible by 5 proc"),
+    ("train.seed=-1", r"train.seed = -1: .*greater than or equal to 0"),
+    ("data.seed=-3", r"data.seed = -3: .*greater than or equal to 0"),
 ])
 def test_settings_that_cannot_work_are_refused_in_one_line(params_file, override, message):
     with pytest.raises(ConfigError, match=message) as err:

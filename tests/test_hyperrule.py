@@ -63,3 +63,5 @@ def test_resolution_overrides_keep_the_rule_ratio():
     assert resolve_resolution((8, 8), crop=24) == (30, 24)  # 24 * 160 / 128
     assert resolve_resolution((8, 8), crop=24, precrop=26) == (26, 24)
     assert resolve_resolution((300, 400), precrop=600) == (600, 480)
+    assert resolve_resolution((300, 400), precrop=160) == (160, 150)  # 480 would not fit
+    assert resolve_resolution((32, 32), precrop=100) == (100, 80)

@@ -53,6 +53,14 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_diverging_loss_is_a_one_line_error_that_says_what_to_change():
+    from bit_core.errors import USER_ERRORS, Diverged
+
+    with pytest.raises(Diverged, match=r"^loss is (nan|inf) at step \d: lower train.base_lr$"):
+        _trainer(_cfg(base_lr=1e12, mixup_alpha=0.0)).fit()
+    assert issubclass(Diverged, USER_ERRORS)
+
+
 def test_an_unreadable_resume_checkpoint_is_passed_over(tmp_path, caplog):
     """A checkpoint cut short (copied by a process killed midway) or not a checkpoint at all:
     the run starts from the beginning and says why, instead of failing at every retry."""
@@ -268,3 +276,15 @@ def test_missing_pretrained_weights_stop_the_stage_instead_of_training_from_scra
         "weights.npz does not exist: run the fetch_weights stage (or set weights.source: none "
         "to train from scratch)")
     assert not (tmp_path / "run" / "out").exists()
+
+
+def test_images_per_second_count_only_the_steps_this_run_trained(tmp_path, repo_root):
+    """A run resumed at step 400 of 500 trained 100 steps in its seconds, not 500."""
+    from bit_core.config import load_params
+    from tasks.finetune import _write_reports
+
+    params = load_params(repo_root / "params.yaml")
+    history = [{"step": s, "loss": 1.0, "lr": 0.1} for s in range(1, 501)]
+    state = SimpleNamespace(step=500, history=history, evals=[])
+    metrics = _write_reports(params, state, 100, 10.0, tmp_path)
+    assert metrics["train_images_per_s"] == 100 * params.train.batch / 10.0
