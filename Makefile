@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.installed
 # OpenVINO (the `openvino` extra) runs on x86-64 CPUs only
 comma  := ,
 EXTRAS := dev$(if $(filter x86_64 amd64,$(shell uname -m)),$(comma)openvino)
-PIP_QUIET := 2>&1 | grep -v -e 'is ignored: it is neither' -e '^$$' || true
+# pip's own messages, less one harmless warning; a failing pip still fails the target (pipefail:
+# only grep's "nothing left to print" is forgiven)
+PIP_QUIET := 2>&1 | { grep -v -e 'is ignored: it is neither' -e '^$$' || true; }
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -17,13 +19,14 @@ SHELL := /bin/bash
 # The tools' telemetry is switched off by the project's own entry points (tasks/environment.py),
 # and by the import check below (ONNX Runtime's starts at import).
 
-.PHONY: help setup pipeline test test-all ui bench clean-venv
+.PHONY: help setup pipeline test test-fast ui bench clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(STAMP): pyproject.toml constraints.txt
-	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required (set PYTHON=...)"'
+	@$(PYTHON) -c 'import sys; sys.exit(None if sys.version_info[:2] == (3, 11) else \
+		f"error: Python 3.11 is required, $(PYTHON) is {sys.version.split()[0]}: set PYTHON=/path/to/python3.11")'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing into $(VENV) (first time: a few minutes)"
 	@$(BIN)/python -m pip install -q --upgrade 'pip>=24' $(PIP_QUIET)
