@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from bit_core.config import TrainConfig
 from bit_core.redact import redact, redact_value
 from flows import dag
 from tasks import environment
@@ -137,8 +138,11 @@ def run(set_: SetOption = None,
     _results_summary()
 
 
+DEVICES = get_args(TrainConfig.model_fields["device"].annotation)  # train.device's values
+
+
 @app.command("flow")
-def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|cpu|cuda|npu")
+def flow(set_: SetOption = None, device: str = typer.Option("auto", help="|".join(DEVICES))
          ) -> None:
     """Run the bit-finetune Prefect flow here (a temporary local Prefect server if none is set)."""
     import shutil
@@ -150,6 +154,8 @@ def flow(set_: SetOption = None, device: str = typer.Option("auto", help="auto|c
                                 run_changes, stop_grace)
     from flows.workspace import WorkspaceError
 
+    if device not in DEVICES:
+        _fail(f"--device {device}: choose one of {', '.join(DEVICES)}")
     # Bad input fails here in one line, before a Prefect server starts and the flow run logs it.
     with tempfile.TemporaryDirectory(prefix="bit-flow-") as scratch:
         try:
@@ -190,9 +196,11 @@ def _curve(source: str) -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
     try:
-        history = MlflowClient(uri).get_metric_history(source, "loss")
+        client = MlflowClient(uri)
+        client.get_run(source)
+        history = client.get_metric_history(source, "loss")
     except MlflowException:
-        _fail(f"{source!r} is neither a CSV file nor an MLflow run id in {uri}")
+        _fail(f"{source!r} is neither a CSV file nor an MLflow run id in {redact(uri)}")
     if not history:
         _fail(f"MLflow run {source} has no 'loss' metric")
     return {m.step: m.value for m in history}
@@ -245,7 +253,9 @@ def predict(
     from tasks.predict import predict as classify
 
     try:
-        params = load_params(Path("params.yaml")) if Path("params.yaml").is_file() else None
+        registered = not model.endswith((".onnx", ".pt"))  # its name comes from params.yaml
+        params = load_params(Path("params.yaml")) \
+            if registered and Path("params.yaml").is_file() else None
         results = classify(open_model(model, params), paths, top_k)
     except (ConfigError, ContractError, ImageError) as err:
         _fail(str(err))
@@ -277,6 +287,9 @@ def ui(port: int = typer.Option(5000, min=1, max=65535, help="port on 127.0.0.1"
     if environment.is_server(uri):
         _fail(f"MLFLOW_TRACKING_URI is a tracking server ({uri}): open its own UI at that "
               "address, or unset it to browse this folder's mlflow.db")
+    if (store := environment.missing_store(uri)) is not None:  # mlflow ui would make it
+        _fail(f"there is no MLflow store here ({store}): run from the repository root, or run "
+              "the pipeline first")
     with socket.socket() as probe:  # mlflow ui exits 0 when uvicorn cannot bind
         if probe.connect_ex(("127.0.0.1", port)) == 0:
             _fail(f"port {port} on 127.0.0.1 is in use: choose another with --port")

@@ -41,10 +41,13 @@ def _override(section: str, key: str, value: object) -> str:
 def preset_overrides(name: str) -> list[str]:
     """A preset file as ``section.key=value`` overrides (values in YAML flow style), after the
     defaults of everything else it decides (:data:`RECIPE_SECTIONS`)."""
-    path = PRESETS / f"{name}.yaml"
-    if not path.is_file():
+    if name not in list_presets():  # a name, never a path (`-P ../params` is no recipe)
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(list_presets())}")
+    path = PRESETS / f"{name}.yaml"
     sections = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(sections, dict) or not all(isinstance(v, dict) for v in sections.values()):
+        raise ConfigError(f"preset {path} is not sections of settings (data:, train:, ...): fix "
+                          "it as the other presets are written")
     defaults = [_override(section, key, field.get_default(call_default_factory=True))
                 for section in RECIPE_SECTIONS
                 for key, field in Params.model_fields[section].annotation.model_fields.items()
@@ -97,9 +100,13 @@ def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
     for text in overrides:
         keys, value = parse_override(text)
         node = doc
-        for key in keys[:-1]:
-            if key not in node or not hasattr(node[key], "__setitem__"):
-                raise ConfigError(f"override {text!r}: no section {key!r} in {path}")
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                shown = ".".join(keys[:depth + 1])
+                raise ConfigError(
+                    f"override {text!r}: no section {key!r} in {path}" if key not in node else
+                    f"override {text!r}: {shown} is not a section: set it whole, e.g. "
+                    f"-S '{shown}=<value>'")
             node = node[key]
         node[keys[-1]] = _flow(value)
     buffer = io.StringIO()

@@ -165,6 +165,30 @@ def test_compare_loss_input_errors_are_one_line(tmp_path, monkeypatch, files, me
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_compare_loss_of_a_run_the_store_lacks_says_so(tmp_path, tracking_store):
+    import mlflow
+
+    with mlflow.start_run() as run:
+        mlflow.log_metric("accuracy", 1.0)
+    (tmp_path / "a.csv").write_text("step,loss\n1,2.0\n")
+    result = runner.invoke(app, ["compare-loss", "a.csv", "0a1b2c3d"])
+    assert result.exit_code == 2
+    assert "'0a1b2c3d' is neither a CSV file nor an MLflow run id in sqlite:" in result.output
+    result = runner.invoke(app, ["compare-loss", "a.csv", run.info.run_id])
+    assert result.exit_code == 2 and f"run {run.info.run_id} has no 'loss' metric" in result.output
+
+
+def test_bit_predict_on_a_model_file_does_not_read_params_yaml(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  batch: lots\n")  # another project's, broken
+    tiny_onnx(tmp_path / "tiny.onnx")
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(tmp_path / "green.png")
+    result = runner.invoke(app, ["predict", "--model", "tiny.onnx", "--json", "green.png"])
+    assert result.exit_code == 0, result.output
+
+
 def test_compare_loss_of_a_run_without_a_store_creates_none(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -232,11 +256,15 @@ def test_flow_names_the_failed_stages_own_error_in_one_line(tmp_path, repo_root,
     assert "Traceback" not in result.output.splitlines()[-1]
 
 
-def test_ui_refuses_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
+def test_ui_refuses_a_missing_store_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
     import socket
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = runner.invoke(app, ["ui"])  # outside the repository: MLflow would make a store
+    assert result.exit_code == 2 and "there is no MLflow store here" in result.output
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mlflow.db").touch()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -247,12 +275,12 @@ def test_ui_refuses_a_busy_port_and_a_server_uri(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "open its own UI at that address" in result.output
     assert "hunter2" not in result.output
     assert runner.invoke(app, ["ui", "--port", "99999"]).exit_code == 2
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["mlflow.db"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["-S", "train.nosuch=1"], "params.yaml: unknown key 'train.nosuch'"),
-    (["--device", "gpu"], "params.yaml: train.device = 'gpu'"),
+    (["--device", "gpu"], "--device gpu: choose one of auto, cpu, cuda, npu"),
     (["-S", "train.batch=[1,"], "the value is not valid YAML"),
 ])
 def test_flow_input_errors_are_one_line_before_any_server(tmp_path, repo_root, monkeypatch,

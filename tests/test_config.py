@@ -176,6 +176,8 @@ def test_unknown_preset(params_file):
 
     with pytest.raises(ConfigError, match="unknown preset 'cifar11'.*cifar10"):
         preset_overrides("cifar11")
+    with pytest.raises(ConfigError, match="unknown preset '../params'"):  # a name, not a path
+        preset_overrides("../params")
 
 
 @pytest.mark.parametrize("override, message", [
@@ -188,6 +190,8 @@ def test_unknown_preset(params_file):
     ("train.processes=5", r"micro-batch 48 \(batch / batch_split\) is not divisible by 5 proc"),
     ("train.seed=-1", r"train.seed = -1: .*greater than or equal to 0"),
     ("data.seed=-3", r"data.seed = -3: .*greater than or equal to 0"),
+    ("train.schedule.0=5", r"train.schedule is not a section: set it whole, e.g. -S "
+                           r"'train.schedule=<value>'"),
 ])
 def test_settings_that_cannot_work_are_refused_in_one_line(params_file, override, message):
     with pytest.raises(ConfigError, match=message) as err:
