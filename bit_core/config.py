@@ -18,7 +18,17 @@ from bit_core.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _distinct(sizes: list[int]) -> list[int]:
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"{sizes} has duplicates: list each size once")
+    return sizes
+
+
+BatchSizes = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1),
+                       AfterValidator(_distinct)]
 
 
 def _mirror_url(local_key: str) -> AfterValidator:
@@ -88,7 +98,7 @@ class WeightsConfig(_Section):
     source: Literal["none", "official", "file"] = "none"
     path: str | None = None  # source=file: a local .npz
     url: Annotated[str | None, _mirror_url("weights.path")] = None  # source=official: a mirror
-    sha256: str | None = None  # expected digest, when known
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")  # expected digest, when known
     cache_dir: str = "~/.cache/bit-pipeline"
 
     @model_validator(mode="after")
@@ -159,14 +169,12 @@ class CompileConfig(_Section):
     """ONNX -> Ascend OM with ATC."""
 
     soc_version: str | None = None  # e.g. Ascend310P3; null: read from `npu-smi info`
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 4, 8, 16, 32, 64], min_length=1)
+    batch_sizes: BatchSizes = [1, 4, 8, 16, 32, 64]
     dynamic_batch: bool = False
     atc: str = "atc"  # executable name or path
 
     @model_validator(mode="after")
     def _batches(self) -> CompileConfig:
-        if len(set(self.batch_sizes)) != len(self.batch_sizes):
-            raise ValueError(f"{self.batch_sizes} has duplicates: list each size once")
         if self.dynamic_batch and not 2 <= len(self.batch_sizes) <= 100:
             raise ValueError("dynamic_batch needs 2 to 100 batch sizes (ATC's gears)")
         return self
@@ -183,7 +191,7 @@ class OpenVINOConfig(_Section):
 class EvaluateConfig(_Section):
     """Accuracy and speed of every back-end."""
 
-    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 4, 8, 16, 32, 64], min_length=1)
+    batch_sizes: BatchSizes = [1, 4, 8, 16, 32, 64]
     warmup: int = Field(2, ge=0)
     repeats: int = Field(5, ge=1)
     device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
@@ -194,13 +202,13 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     """MLflow."""
 
-    experiment: str = "bit-pipeline"
+    experiment: str = Field("bit-pipeline", min_length=1)
 
 
 class RegistryConfig(_Section):
     """MLflow Model Registry: champion / challenger."""
 
-    model_name: str = "bit-classifier"
+    model_name: str = Field("bit-classifier", pattern=r"^[^/:]+$")  # MLflow refuses / and :
     metric: str = "onnxruntime_top1"  # a key of reports/eval/metrics.json; higher is better
     margin: float = 0.0  # promote when new >= champion + margin
 
@@ -236,12 +244,30 @@ def _first_error(err: ValidationError, source: str) -> str:
     return redact(f"{source}: {key} = {value!r}: {msg}")
 
 
+class DuplicateKey(yaml.YAMLError):
+    """A mapping names a key twice (PyYAML keeps the last; DVC refuses the file)."""
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKey(f"key {key!r} is given twice (line "
+                                   f"{key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_params_text(path: str | Path = "params.yaml") -> object:
     """params.yaml parsed but not yet validated; ConfigError with a one-line message when it is
     missing, unreadable or not YAML."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), _UniqueKeys)  # noqa: S506 - a SafeLoader
+    except DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}: keep one of them") from None
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: run from the repository root") from None
     except (IsADirectoryError, UnicodeDecodeError):

@@ -6,6 +6,8 @@ The file is changed only when the result validates, so a typo never leaves param
 from __future__ import annotations
 
 import io
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,6 +114,8 @@ def apply_overrides(path: Path, overrides: Iterable[str]) -> Params:
     buffer = io.StringIO()
     rt.dump(doc, buffer)
     params = parse_params(yaml.safe_load(buffer.getvalue()), str(path))
-    with atomic_path(path) as tmp:
+    target = Path(os.path.realpath(path))  # a linked params.yaml stays a link, to new text
+    with atomic_path(target) as tmp:
         tmp.write_text(buffer.getvalue())
+        tmp.chmod(stat.S_IMODE(target.stat().st_mode))  # 0600 stays 0600 (it may hold a password)
     return params

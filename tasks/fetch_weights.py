@@ -9,6 +9,7 @@ from bit_core.config import Params
 from bit_core.contracts import WEIGHTS_FILE, WEIGHTS_SOURCE
 from bit_core.io import (atomic_dir, atomic_write_json, clone_or_copy, file_digest,
                          link_or_copy)
+from bit_core.errors import WeightsError
 from bit_core.redact import redact
 from bit_core.weights import fetch_official, official_url, verify_npz
 from tasks.common import log, stage_main
@@ -30,6 +31,10 @@ def fetch_weights(params: Params, out: Path, progress: bool = True) -> dict:
                 record["path"] = str(src)
                 clone_or_copy(src, tmp / WEIGHTS_FILE)  # the user's own file: never linked
             record["sha256"] = file_digest(tmp / WEIGHTS_FILE)
+            if cfg.sha256 and record["sha256"] != cfg.sha256.lower():
+                raise WeightsError(f"{record.get('path') or 'the download'} has SHA-256 "
+                                   f"{record['sha256']}, not weights.sha256 {cfg.sha256}: give "
+                                   "the right file or digest")
         atomic_write_json(tmp / WEIGHTS_SOURCE, record)
     return record
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import sys
 
@@ -171,6 +172,19 @@ def test_a_preset_leaves_nothing_of_an_earlier_one_but_the_hosts_settings(params
     assert (after.weights.cache_dir, after.train.rdzv_endpoint) == ("/data/cache", "head:29400")
 
 
+def test_a_key_given_twice_is_one_line_naming_it(params_file):
+    from bit_core.config import load_params
+
+    text = params_file.read_text().replace("  batch: 48\n", "  batch: 48\n  batch: 64\n", 1)
+    params_file.write_text(text)
+    line = text.splitlines().index("  batch: 64") + 1
+    for read in (lambda: load_params(params_file),
+                 lambda: apply_overrides(params_file, ["train.seed=1"])):
+        with pytest.raises(ConfigError, match=rf"params.yaml: key 'batch' is given twice \(line "
+                                              rf"{line}\): keep one of them$"):
+            read()
+
+
 def test_unknown_preset(params_file):
     from flows.overrides import preset_overrides
 
@@ -183,7 +197,14 @@ def test_unknown_preset(params_file):
 @pytest.mark.parametrize("override, message", [
     ("data.source=imagefolder", "yaml: data: source 'imagefolder' needs data.folder"),
     ("data.source=imagenet", "source 'imagenet' needs data.imagenet_dir"),
-    ("compile.batch_sizes=[1, 1]", r"yaml: compile: \[1, 1\] has duplicates: list each size once"),
+    ("compile.batch_sizes=[1, 1]", r"yaml: compile.batch_sizes = \[1, 1\]: \[1, 1\] has duplicates: "
+                                   r"list each size once"),
+    ("evaluate.batch_sizes=[4, 8, 4]", r"evaluate.batch_sizes = \[4, 8, 4\]: .* has duplicates"),
+    ("registry.margin=.nan", r"registry.margin = nan: Input should be a finite number"),
+    ("train.base_lr=.inf", r"train.base_lr = inf: Input should be a finite number"),
+    ("registry.model_name=team/bit", r"registry.model_name = 'team/bit': String should match"),
+    ("tracking.experiment=''", r"tracking.experiment = '': String should have at least 1"),
+    ("weights.sha256=xyz", r"weights.sha256 = 'xyz': String should match pattern"),
     ("compile.batch_sizes=[]", "compile.batch_sizes"),
     ("compile.batch_sizes=[0, 4]", "compile.batch_sizes.0"),
     ("train.rdzv_endpoint=node-a", "train.rdzv_endpoint = 'node-a': write it as host:port"),
@@ -202,3 +223,14 @@ def test_settings_that_cannot_work_are_refused_in_one_line(params_file, override
 def test_dynamic_batch_needs_gears(params_file):
     with pytest.raises(ConfigError, match="2 to 100 batch sizes"):
         apply_overrides(params_file, ["compile.dynamic_batch=true", "compile.batch_sizes=[8]"])
+
+
+def test_overrides_keep_the_files_mode_and_write_through_a_link(params_file, tmp_path):
+    """params.yaml may hold a mirror's password (chmod 600), or be a link to a shared one."""
+    params_file.chmod(0o600)
+    apply_overrides(params_file, ["train.seed=5"])
+    assert stat.S_IMODE(params_file.stat().st_mode) == 0o600
+    link = tmp_path / "linked.yaml"
+    link.symlink_to(params_file)
+    apply_overrides(link, ["train.seed=6"])
+    assert link.is_symlink() and "seed: 6" in params_file.read_text()

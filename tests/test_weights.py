@@ -201,6 +201,29 @@ def test_fetch_weights_stage_records_the_mirror_without_its_password(official, t
     assert "hunter2" not in written
 
 
+def test_a_local_weights_file_is_checked_against_its_given_digest(official, tmp_path,
+                                                                 repo_root):
+    """weights.sha256 with weights.source: file names the file and both digests, and nothing
+    is written; the right digest passes."""
+    import hashlib
+
+    import yaml
+
+    from bit_core.config import parse_params
+    from tasks.fetch_weights import fetch_weights
+
+    path, _ = official
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["model"]["name"] = NAME
+    raw["weights"].update(source="file", path=str(path), sha256="0" * 64)
+    with pytest.raises(WeightsError, match=rf"{path.name} has SHA-256 [0-9a-f]{{64}}, not "
+                                           r"weights.sha256 0{64}: give the right file or digest"):
+        fetch_weights(parse_params(raw), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    raw["weights"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest().upper()
+    assert fetch_weights(parse_params(raw), tmp_path / "out", progress=False)["source"] == "file"
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not torch", "other model"])
 def test_an_unreadable_fine_tuned_checkpoint_is_one_line(tmp_path, damage):
     from bit_core.weights import load_trained
