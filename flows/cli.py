@@ -124,8 +124,9 @@ def run(set_: SetOption = None,
     except ConfigError as err:
         _fail(str(err))
     dvc = [environment.tool("dvc"), "repro"]
+    wanted = dag.needs(".", until) if until else set(dag.stages())
     refresh = [] if force else [dvc + ["--force", "--single-item", stage]
-                                for stage in dag.changing_sources(params)]
+                                for stage in dag.changing_sources(params) if stage in wanted]
     for command in refresh + [dvc + (["--force"] if force else []) + ([until] if until else [])]:
         if subprocess.run(command, env=environment.tool_env()).returncode != 0:
             _fail("the pipeline failed: see the stage's error above")

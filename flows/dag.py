@@ -33,17 +33,37 @@ def command(repo: str | Path, stage: str) -> str:
     return _stages(Path(repo))[stage]["cmd"]
 
 
+def _outputs(stage: dict) -> dict[str, bool]:
+    """{path: whether DVC caches it} of one stage's outs, metrics and plots."""
+    found = {}
+    for kind in ("outs", "metrics", "plots"):
+        for entry in stage.get(kind, []):
+            path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+            found[path] = (options or {}).get("cache", True)
+    return found
+
+
 def outputs(repo: str | Path = ".", *, cached: bool | None = None) -> set[str]:
     """Declared outputs (outs, metrics, plots) of every stage; only the uncached ones with
     ``cached=False``, only the cached ones with ``cached=True``."""
-    found = set()
-    for stage in _stages(Path(repo)).values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
-                is_cached = (options or {}).get("cache", True)
-                if cached is None or cached == is_cached:
-                    found.add(path)
+    return {path for stage in _stages(Path(repo)).values()
+            for path, is_cached in _outputs(stage).items() if cached is None or cached == is_cached}
+
+
+def needs(repo: str | Path, stage: str) -> set[str]:
+    """`stage` and every stage it depends on through their outputs, as `dvc repro <stage>`
+    brings them up to date."""
+    stages = _stages(Path(repo))
+    made = {name: list(_outputs(s)) for name, s in stages.items()}
+    found, todo = set(), [stage]
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            deps = stages[name].get("deps", [])
+            todo += [other for other, outs in made.items()
+                     if any(dep == out or dep.startswith(f"{out}/") or out.startswith(f"{dep}/")
+                            for dep in deps for out in outs)]
     return found
 
 

@@ -211,3 +211,14 @@ def test_every_stage_can_be_restored_from_the_run_cache():
     ignored = subprocess.run(["git", "check-ignore", "-q", "models/resume/checkpoint.pt"],
                              cwd=REPO)
     assert ignored.returncode == 0
+
+
+def test_a_stage_needs_the_stages_whose_outputs_it_reads():
+    """What `bit run --until <stage>` brings up to date (and so which changing sources it reads
+    again): the stage and, through dependencies on outputs, every stage before it."""
+    from flows import dag
+
+    assert dag.needs(REPO, "fetch_weights") == {"fetch_weights"}
+    assert dag.needs(REPO, "prepare") == {"fetch_data", "prepare"}
+    assert dag.needs(REPO, "finetune") == {"fetch_data", "prepare", "fetch_weights", "finetune"}
+    assert dag.needs(REPO, "register") == set(STAGES)
