@@ -85,11 +85,10 @@ def resume_folders(repo: str | Path, stage: str) -> list[str]:
 def changing_sources(params: dict) -> list[str]:
     """The fetch stages whose source can change while everything DVC tracks stays the same: a
     folder or a file of the user's outside the repository (DVC tracks its path, a parameter, not
-    its contents). Each run reads them again; the stages after them run only when what they
-    wrote changed."""
-    refresh = []
-    if params["data"]["source"] == "imagefolder":
-        refresh.append("fetch_data")
-    if params["weights"]["source"] == "file":
-        refresh.append("fetch_weights")
-    return refresh
+    its contents). Each run reads them again where they are on this host; the stages after
+    them run only when what they wrote changed. A host without them (a worker that trains what
+    another host fetched) takes the fetched data as DVC restores it."""
+    sources = (("fetch_data", "imagefolder", params["data"]["source"], params["data"]["folder"]),
+               ("fetch_weights", "file", params["weights"]["source"], params["weights"]["path"]))
+    return [stage for stage, kind, source, where in sources
+            if source == kind and where and Path(where).expanduser().exists()]

@@ -12,13 +12,20 @@ from flows.dag import changing_sources
 from flows.pipeline import PreflightError, check_git_checkout
 
 
-def test_only_changeable_sources_are_refreshed():
-    base = {"data": {"source": "digits"}, "weights": {"source": "none"}}
+def test_only_changeable_sources_this_host_has_are_refreshed(tmp_path):
+    base = {"data": {"source": "digits", "folder": None},
+            "weights": {"source": "none", "path": None}}
     assert changing_sources(base) == []
-    assert changing_sources({**base, "data": {"source": "cifar10"},
-                             "weights": {"source": "official"}}) == []
-    assert changing_sources({"data": {"source": "imagefolder"},
-                             "weights": {"source": "file"}}) == ["fetch_data", "fetch_weights"]
+    assert changing_sources({**base, "data": {"source": "cifar10", "folder": None},
+                             "weights": {"source": "official", "path": None}}) == []
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "w.npz").write_bytes(b"")
+    mine = {"data": {"source": "imagefolder", "folder": str(tmp_path / "photos")},
+            "weights": {"source": "file", "path": str(tmp_path / "w.npz")}}
+    assert changing_sources(mine) == ["fetch_data", "fetch_weights"]
+    elsewhere = {"data": {"source": "imagefolder", "folder": str(tmp_path / "theirs")},
+                 "weights": {"source": "file", "path": str(tmp_path / "theirs.npz")}}
+    assert changing_sources(elsewhere) == []  # another host's: DVC restores what it fetched
 
 
 def test_nightly_needs_a_git_commit(tmp_path):
