@@ -32,10 +32,19 @@ _TURNED = (5, 6, 7, 8)  # its values that swap width and height
 BACKGROUND = (255, 255, 255)  # what transparent pixels are laid over
 
 
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: upright); 1 when the EXIF block cannot be read (a damaged one
+    does not stop an image that decodes)."""
+    try:
+        return int(image.getexif().get(ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, ValueError, ... for bad EXIF
+        return 1
+
+
 def turned_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) as the image is shown: after the turn its EXIF orientation asks for."""
     width, height = image.size
-    return (height, width) if image.getexif().get(ORIENTATION, 1) in _TURNED else (width, height)
+    return (height, width) if _orientation(image) in _TURNED else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -51,15 +60,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     Raises:
         ImageError: a floating-point image, whose range no file states.
     """
-    if image.getexif().get(ORIENTATION, 1) != 1:
+    if _orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "F":
         raise ImageError("a 32-bit floating-point image, whose range is unknown: save it as an "
                          "8- or 16-bit image")
     if image.mode == "I" or image.mode.startswith("I;16"):
-        pixels = np.rint(np.asarray(image, dtype=np.float64) / 257.0)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        deep = np.asarray(image, dtype=np.float64)
+        shown = Image.fromarray(np.clip(np.rint(deep / 257.0), 0, 255).astype(np.uint8))
+        if "transparency" in image.info:  # one 16-bit value marks transparent pixels
+            alpha = np.where(deep == image.info["transparency"], 0, 255).astype(np.uint8)
+            shown = Image.merge("LA", (shown, Image.fromarray(alpha)))
+        image = shown
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
         image = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", image.size, BACKGROUND + (255,)),
                                      image).convert("RGB")
@@ -80,7 +93,7 @@ def decode(data: bytes | str, name: str = "image") -> Image.Image:
         raise ImageError(f"{name}: {err}") from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"{name}: too large ({err})") from None
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # Pillow's kinds
         reason = "not an image" if isinstance(err, UnidentifiedImageError) else f"broken ({err})"
         raise ImageError(f"{name}: {reason}") from None
 

@@ -3,6 +3,7 @@ images, and the data report (counts, sizes, exact duplicates and leakage)."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from bit_core.contracts import DATA_METRICS, DataMetrics, write_split_marker
 from bit_core.errors import DataError
 from bit_core.splits import few_shot, read_split, stratified_split
 from tasks.prepare import prepare
+from tests.conftest import tiny_onnx
 
 
 def _images(root, classes, per_class, size=(6, 5)):
@@ -306,3 +308,30 @@ def test_an_empty_test_split_is_refused(tmp_path):
                                         r"above 0 \(or give a test/ folder\)"):
         prepare(DataConfig(test_fraction=0.0), raw, tmp_path / "out", tmp_path / "report")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_exif_block_does_not_stop_an_image_that_decodes(tmp_path):
+    """Some cameras and editors write an EXIF block that is not valid TIFF: the picture is used
+    as stored, in training and by the served model (which reads it twice: decode, preprocess)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 4), (200, 10, 10)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    payload = b"Exif\0\0" + bytes(range(1, 10))
+    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "odd.jpg").write_bytes(jpeg[:2] + segment + jpeg[2:])
+    for image in _trained_and_served(tmp_path, "cls/odd.jpg"):
+        assert image.size == (8, 4) and image.mode == "RGB"
+    from bit_core.serving import ImageClassifier
+
+    classifier = ImageClassifier(tiny_onnx(tmp_path / "tiny.onnx"))
+    assert classifier.classify([_trained_and_served(tmp_path, "cls/odd.jpg")[1]])[0].classes[0] \
+        == "a"
+
+
+def test_transparent_pixels_of_a_16_bit_image_are_white_too(tmp_path):
+    deep = np.array([[32896, 0], [0, 0]], np.uint16)  # mid grey, and 0 marked transparent
+    Image.fromarray(deep).save(tmp_path / "deep.png", transparency=0)
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    for image in _trained_and_served(tmp_path, "deep.png"):
+        assert np.asarray(image)[..., 0].tolist() == [[128, 255], [255, 255]]
