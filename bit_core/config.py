@@ -7,6 +7,7 @@ MLflow run show what really ran.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -252,7 +253,11 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, SafeLoader's to merge
+                continue
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # SafeLoader refuses it, in one line
+                break
             if key in seen:
                 raise DuplicateKey(f"key {key!r} is given twice (line "
                                    f"{key_node.start_mark.line + 1})")

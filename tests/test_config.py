@@ -185,6 +185,16 @@ def test_a_key_given_twice_is_one_line_naming_it(params_file):
             read()
 
 
+def test_yaml_merge_keys_still_load_and_a_list_as_key_is_one_line(tmp_path):
+    from bit_core.config import load_params_text
+
+    (tmp_path / "merge.yaml").write_text("base: &b\n  x: 1\ndata:\n  <<: *b\n  x: 2\n")
+    assert load_params_text(tmp_path / "merge.yaml") == {"base": {"x": 1}, "data": {"x": 2}}
+    (tmp_path / "odd.yaml").write_text("? [a, b]\n: 1\n")
+    with pytest.raises(ConfigError, match=r"odd.yaml: not valid YAML at line 1: fix the syntax$"):
+        load_params_text(tmp_path / "odd.yaml")
+
+
 def test_unknown_preset(params_file):
     from flows.overrides import preset_overrides
 
