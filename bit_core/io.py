@@ -65,9 +65,21 @@ def atomic_write_json(path: str | Path, data) -> Path:
 
 
 def atomic_torch_save(obj, path: str | Path) -> Path:
+    """torch.save to `path` atomically. Through a Python file: a write that fails (a full disk)
+    is then an OSError naming its cause, where torch's own file writer says only "unexpected
+    pos"."""
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as file:
+            try:
+                torch.save(obj, file)
+            except RuntimeError as err:  # raised while closing the archive, after the real one
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
+
+    return atomic_write(path, save)
 
 
 @contextmanager

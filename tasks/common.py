@@ -66,7 +66,7 @@ def stage_main(name: str, configure: Callable[[argparse.ArgumentParser], None],
     except OSError as err:
         if err.errno not in HOST_FIXES:  # a defect of ours: the traceback is the report
             raise
-        print(error_line(name, host_error(err)), file=sys.stderr)
+        print(error_line(name, host_error(err, getattr(args, "out", None))), file=sys.stderr)
         return 2
     except Terminated:
         print(error_line(name, "stopped by SIGTERM; nothing half-written is left: run it again"),
@@ -86,12 +86,16 @@ HOST_FIXES = {
     errno.EACCES: "make that path readable and writable by you, or use another one",
     errno.EPERM: "make that path readable and writable by you, or use another one",
     errno.EROFS: "that file system is read-only: write to another one",
+    errno.EFBIG: "a limit on file size (the file system's, or `ulimit -f`) is in the way: raise "
+                 "it, or write to another file system",
 }
 
 
-def host_error(err: OSError) -> str:
-    """One line for an OSError in :data:`HOST_FIXES`: what failed, where, and the fix."""
-    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
+def host_error(err: OSError, writing: Path | None = None) -> str:
+    """One line for an OSError in :data:`HOST_FIXES`: what failed, where (the files it names;
+    else `writing`, the stage's output: a failed write names no file), and the fix."""
+    where = " -> ".join(str(name) for name in (err.filename, err.filename2) if name) or \
+        (f"writing {writing}" if writing else "")
     return f"{err.strerror or err}{f': {where}' if where else ''}: {HOST_FIXES[err.errno]}"
 
 

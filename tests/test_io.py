@@ -99,32 +99,61 @@ def test_a_stage_stopped_by_sigterm_removes_what_it_was_writing(tmp_path: Path, 
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-def test_a_full_disk_is_one_line_naming_the_file_and_the_fix(tmp_path: Path, repo_root,
-                                                              monkeypatch, capsys):
+def test_a_full_disk_is_one_line_naming_the_output_and_the_fix(tmp_path: Path, repo_root,
+                                                               monkeypatch, capsys):
     """No space left (/dev/full answers every write so) ends a stage in one line, exit 2, with
     what it was writing removed."""
-    import errno
+    import shutil
 
     from bit_core.io import atomic_dir
-    from tasks.common import host_error, stage_main
+    from tasks.common import stage_main
 
     monkeypatch.setenv("BIT_PARAMS", str(repo_root / "params.yaml"))
+    (tmp_path / "photo.png").write_bytes(b"\0" * 100_000)
+    out = tmp_path / "out"
 
-    def run(args, params):
-        with atomic_dir(tmp_path / "out") as tmp:
+    def copy(args, params):
+        with atomic_dir(args.out) as tmp:
             (tmp / "first.png").write_bytes(b"fine")
-            with open("/dev/full", "wb") as full:
-                full.write(b"\0" * 65536)
+            shutil.copy2(tmp_path / "photo.png", "/dev/full")
 
-    assert stage_main("fetch_data", lambda parser: None, run, argv=[]) == 2
-    assert capsys.readouterr().err == (
-        "error: fetch_data: No space left on device: free space on that file system, or move the "
-        "data, the DVC cache or TMPDIR to a larger one\n")
-    assert list(tmp_path.iterdir()) == []
-    copying = OSError(errno.ENOSPC, "No space left on device", "/photos/a.png", None,
-                      "data/.raw.x/a.png")  # as shutil's copy of one file to another says it
-    assert host_error(copying).startswith("No space left on device: /photos/a.png -> "
-                                          "data/.raw.x/a.png: free space on that file system")
+    def outputs(parser):
+        parser.add_argument("--out", type=Path)
+
+    for run in (copy,):
+        assert stage_main("demo", outputs, run, argv=["--out", str(out)]) == 2
+        assert capsys.readouterr().err == (
+            f"error: demo: No space left on device: writing {out}: free space on that file "
+            "system, or move the data, the DVC cache or TMPDIR to a larger one\n")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png"]
     with pytest.raises(IsADirectoryError):  # not the host's: the stage's own traceback
-        stage_main("fetch_data", lambda parser: None,
-                   lambda args, params: open(tmp_path, "rb"), argv=[])
+        stage_main("demo", outputs, lambda args, params: open(tmp_path, "rb"), argv=[])
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(tmp_path: Path, repo_root):
+    """torch's own file writer turns a failed write into "unexpected pos"; a checkpoint goes
+    through a Python file, so the cause (here a file-size limit, as a full disk would) is
+    named. The stage runs in a process of its own, the limit set there."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from bit_core.io import atomic_torch_save\n"
+        "from tasks.common import stage_main\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))\n"
+        "def run(args, params):\n"
+        "    atomic_torch_save({'w': torch.zeros(1 << 20)}, args.out / 'checkpoint.pt')\n"
+        "sys.exit(stage_main('finetune', lambda p: p.add_argument('--out', type=Path), run,\n"
+        "                    ['--out', sys.argv[1]]))\n")
+    (tmp_path / "out").mkdir()
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], cwd=repo_root,
+                          env={**os.environ, "BIT_PARAMS": str(repo_root / "params.yaml")},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (f"error: finetune: File too large: writing {tmp_path / 'out'}: a limit "
+                           "on file size (the file system's, or `ulimit -f`) is in the way: "
+                           "raise it, or write to another file system\n")
+    assert list((tmp_path / "out").iterdir()) == []
