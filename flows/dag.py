@@ -82,13 +82,23 @@ def resume_folders(repo: str | Path, stage: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--resume-dir"]
 
 
-def changing_sources(params: dict) -> list[str]:
+def changing_sources(params: dict, repo: str | Path = ".") -> list[str]:
     """The fetch stages whose source can change while everything DVC tracks stays the same: a
     folder or a file of the user's outside the repository (DVC tracks its path, a parameter, not
     its contents). Each run reads them again where they are on this host; the stages after
     them run only when what they wrote changed. A host without them (a worker that trains what
-    another host fetched) takes the fetched data as DVC restores it."""
+    another host fetched) takes the fetched data as DVC restores it. Relative paths are the
+    stages', from `repo`."""
     sources = (("fetch_data", "imagefolder", params["data"]["source"], params["data"]["folder"]),
                ("fetch_weights", "file", params["weights"]["source"], params["weights"]["path"]))
     return [stage for stage, kind, source, where in sources
-            if source == kind and where and Path(where).expanduser().exists()]
+            if source == kind and where and (Path(repo) / Path(where).expanduser()).exists()]
+
+
+def locked_outputs(repo: str | Path, stage: str) -> list | None:
+    """What dvc.lock records of `stage`'s outputs (paths and content hashes); None before it
+    first ran."""
+    lock = Path(repo) / "dvc.lock"
+    if not lock.is_file():
+        return None
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {}).get("outs")

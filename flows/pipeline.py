@@ -369,6 +369,20 @@ def apply_params(repo: str, overrides: list[str]) -> dict:
     return apply_overrides(Path(repo) / "params.yaml", overrides).model_dump()
 
 
+def refresh_sources(repo: str, params: dict, shared: bool = False) -> list[dict]:
+    """Read the user's folder or file again where this host has it (DVC cannot see into them,
+    :func:`flows.dag.changing_sources`); a stage's result only when what it wrote changed, so
+    a run with the same images is still up to date."""
+    results = []
+    for stage in dag.changing_sources(params, repo):
+        before = dag.locked_outputs(repo, stage)
+        refreshed = run_io_stage.with_options(task_run_name=f"{stage} (refresh)")(
+            stage, repo, force=True, shared=shared)
+        if dag.locked_outputs(repo, stage) != before:
+            results.append(refreshed)
+    return results
+
+
 @task(name="dvc-status")
 def pipeline_status(repo: str) -> dict:
     """`dvc status`: {stage: what changed}; empty when every stage is up to date."""
@@ -624,10 +638,7 @@ def bit_finetune(overrides: list[str] | None = None, device: str = "auto",
         prepare_workspace(repo)
     params = apply_params(repo, changes)
     restored = restore_experiment(repo) if shared else None
-    results = []
-    for stage in dag.changing_sources(params):  # DVC cannot see into them: read them again
-        results.append(run_io_stage.with_options(task_run_name=f"{stage} (refresh)")(
-            stage, repo, force=True, shared=shared))
+    results = refresh_sources(repo, params, shared)
     if nightly:
         changed = pipeline_status(repo)
         if not changed:
