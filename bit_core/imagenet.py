@@ -22,7 +22,7 @@ from typing import Any
 from bit_core.archives import CORRUPT, safe_extract, why_corrupt
 from bit_core.contracts import read_split_marker, write_split_marker
 from bit_core.errors import DataError
-from bit_core.io import atomic_dir, file_digest
+from bit_core.io import atomic_dir, atomic_write_json, file_digest
 
 
 IMAGENET_ARCHIVES: dict[str, tuple[str, str]] = {
@@ -153,10 +153,12 @@ def _staging(out: Path, identity: Mapping[str, Any]) -> tuple[Path, bool]:
     """
     staging = out.parent / f".{out.name}.imagenet-partial"
     state = staging / "archives.json"
-    if state.is_file():
+    try:
         saved = json.loads(state.read_text())
-        if saved.get("archives") == identity:
-            return staging, bool(saved.get("verified"))
+    except (OSError, ValueError):  # none yet, or cut short by a kill: start the folder again
+        saved = {}
+    if isinstance(saved, dict) and saved.get("archives") == identity:
+        return staging, bool(saved.get("verified"))
     if staging.exists():
         shutil.rmtree(staging)
     return staging, False
@@ -192,8 +194,8 @@ def materialize_imagenet(imagenet_dir: str | Path, out: Path, *, verify: bool = 
         _verify_imagenet(paths, {k: v for k, (_, v) in IMAGENET_ARCHIVES.items()}
                          | dict(checksums or {}))
     (staging / "train").mkdir(parents=True, exist_ok=True)
-    (staging / "archives.json").write_text(json.dumps({"archives": identity,
-                                                       "verified": verify or verified}))
+    atomic_write_json(staging / "archives.json", {"archives": identity,
+                                                  "verified": verify or verified})
     with tempfile.TemporaryDirectory(prefix=".devkit-", dir=staging) as scratch:
         devkit = parse_devkit(paths["devkit"], Path(scratch))
     _extract_train(paths["train"], staging / "train", devkit.wnids)

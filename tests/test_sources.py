@@ -390,6 +390,17 @@ def test_imagenet_resumes_without_the_class_a_stopped_run_was_extracting(
     _no_leftovers(out.parent)
 
 
+def test_imagenet_starts_again_from_a_work_folder_whose_record_a_kill_cut_short(
+        tmp_path: Path) -> None:
+    archives, out = tmp_path / "ilsvrc", tmp_path / "data" / "raw"
+    md5s = _imagenet(archives)
+    work = out.parent / f".{out.name}.imagenet-partial"
+    (work / "train").mkdir(parents=True)
+    (work / "archives.json").write_text('{"archives": {"train": [12')  # half-written
+    assert materialize_imagenet(archives, out, checksums=md5s) == 11
+    _no_leftovers(out.parent)
+
+
 def test_imagenet_missing_archive_says_where_to_get_it(tmp_path: Path) -> None:
     archives = tmp_path / "ilsvrc"
     _imagenet(archives)
