@@ -5,6 +5,7 @@ and reports a truncated or corrupt archive in one line, leaving nothing half-ext
 from __future__ import annotations
 
 import gzip
+import lzma
 import re
 import tarfile
 import zlib
@@ -18,7 +19,7 @@ from bit_core.io import atomic_dir, file_digest
 
 DEFAULT_CACHE = Path("~/.cache/bit-pipeline/data")  # downloaded archives, kept between runs
 CORRUPT = (tarfile.ReadError, tarfile.CompressionError, tarfile.HeaderError, EOFError,
-            zlib.error, gzip.BadGzipFile)
+            zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 def verified_archive(what: str, official_url: str, official: Mapping[str, str], *,
@@ -52,6 +53,9 @@ def verified_archive(what: str, official_url: str, official: Mapping[str, str], 
             raise DataError(f"{err} Or set data.archive to a local copy (and data.md5 to the MD5 "
                             "of a re-packed one).") from None
     path = Path(archive).expanduser()
+    if path.is_dir():
+        raise DataError(f"data.archive {path} is a folder: give the archive file itself "
+                        f"({filename}), not what it extracts to")
     if not path.is_file():
         raise DataError(f"data.archive {path} does not exist: fix the path or set it to null to "
                         "download")
@@ -127,6 +131,8 @@ def safe_extract(archive: str | Path, dest: Path, fileobj: IO[bytes] | None = No
         try:
             with tarfile.open(None if fileobj else archive, "r:*", fileobj=fileobj) as tar:
                 tar.extractall(tmp, members=_checked(tar, where), **kwargs)
+                while tar.fileobj.read(1 << 20):  # to the end: gzip checks its CRC only there
+                    pass
         except tarfile.FilterError as err:
             raise DataError(f"{where}: unsafe member ({err}); refusing to extract it: use the "
                             "official archive") from None

@@ -290,6 +290,39 @@ def test_truncated_archive_is_reported_by_path_without_partial_output(
     assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
 
 
+
+def test_damage_only_the_gzip_checksum_shows_is_refused(tmp_path: Path) -> None:
+    """tarfile stops reading before the gzip trailer: a flipped bit in the compressed data can
+    extract "fine" with other bytes. The stream is read to its end, where gzip checks its CRC."""
+    import gzip
+
+    good = tar_bytes({"a/0": b"x" * 5000, "a/1": bytes(range(256)) * 40})
+    for i in range(20, len(good) - 8):  # the first damage tarfile alone reads through
+        bad = bytearray(good)
+        bad[i] ^= 1
+        try:
+            with tarfile.open(fileobj=io.BytesIO(bytes(bad)), mode="r:*") as tar:
+                [tar.extractfile(m).read() for m in tar if m.isfile()]
+            gzip.decompress(bytes(bad))
+        except gzip.BadGzipFile:
+            break
+        except Exception:  # noqa: BLE001 - damage tarfile notices by itself
+            continue
+    else:
+        pytest.fail("no damage that only the CRC shows")
+    (tmp_path / "bad.tgz").write_bytes(bytes(bad))
+    with pytest.raises(DataError, match=r"bad.tgz is truncated or corrupt \(.*\): delete it and "
+                                        r"download it again$"):
+        safe_extract(tmp_path / "bad.tgz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_archive_setting_that_names_a_folder_says_so(tmp_path: Path) -> None:
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(DataError, match=r"data.archive .*cifar-10-batches-py is a folder: give the "
+                                        r"archive file itself \(cifar-10-python.tar.gz\)"):
+        materialize_cifar("cifar10", tmp_path / "raw", archive=tmp_path / "cifar-10-batches-py")
+
 # --- ILSVRC-2012 ---------------------------------------------------------------------------------
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # ILSVRC2012_ID 1, 2, 3
