@@ -83,7 +83,7 @@ def decode(data: bytes | str, name: str = "image") -> Image.Image:
     """An RGB image from encoded bytes (JPEG, PNG, ...) or their base64 text."""
     if isinstance(data, str):
         try:
-            data = base64.b64decode(data, validate=True)
+            data = base64.b64decode("".join(data.split()), validate=True)  # wrapped lines too
         except (binascii.Error, ValueError):
             raise ImageError(f"{name}: not base64-encoded image bytes") from None
     try:

@@ -335,3 +335,18 @@ def test_transparent_pixels_of_a_16_bit_image_are_white_too(tmp_path):
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
     for image in _trained_and_served(tmp_path, "deep.png"):
         assert np.asarray(image)[..., 0].tolist() == [[128, 255], [255, 255]]
+
+
+def test_base64_text_wrapped_in_lines_decodes(tmp_path):
+    """`base64` without -w0 and Python's encodebytes wrap lines at 76 characters."""
+    import base64
+
+    from bit_core.serving import ImageError, decode
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(buffer, format="PNG")
+    wrapped = base64.encodebytes(buffer.getvalue()).decode()
+    assert "\n" in wrapped.strip()
+    assert decode(wrapped).getpixel((0, 0)) == (1, 2, 3)
+    with pytest.raises(ImageError, match="not base64-encoded image bytes"):
+        decode("not base64 at all!")
