@@ -166,10 +166,11 @@ def test_compare_loss_input_errors_are_one_line(tmp_path, monkeypatch, files, me
 
 
 def test_compare_loss_of_a_run_the_store_lacks_says_so(tmp_path, tracking_store):
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
-    with mlflow.start_run() as run:
-        mlflow.log_metric("accuracy", 1.0)
+    client = MlflowClient(tracking_store)  # this store, whatever URI an earlier test set
+    run = client.create_run(client.create_experiment("runs"))
+    client.log_metric(run.info.run_id, "accuracy", 1.0)
     (tmp_path / "a.csv").write_text("step,loss\n1,2.0\n")
     result = runner.invoke(app, ["compare-loss", "a.csv", "0a1b2c3d"])
     assert result.exit_code == 2
