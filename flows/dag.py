@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from bit_core.contracts import MLFLOW_RUN
+from bit_core.contracts import EVALUATION, MLFLOW_RUN
 
 EVAL_TABLE = "reports/eval/fps.md"
-EVAL_METRICS = "reports/eval/metrics.json"
+EVAL_METRICS = f"reports/eval/{EVALUATION}"
 TRAIN_METRICS = "reports/train/metrics.json"
 RUN_RECORD = f"models/finetuned/{MLFLOW_RUN}"
 RESULTS = (EVAL_METRICS, EVAL_TABLE, "reports/eval/fps.png", "reports/eval/confusion.png",
